@@ -1,0 +1,5 @@
+import sys
+
+from geokernels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Backend choice shared by every op: ``backend="auto"|"cuda"|"triton"|"cpu"|"torch"``.
+
+auto = the CUDA kernels on CUDA tensors, the C++ kernels on CPU tensors, Triton on CUDA tensors
+for ops without a CUDA kernel, and the pure-PyTorch reference only when nothing compiled fits
+(said once, loudly). ``GEOKERNELS_BACKEND`` sets the default that ``"auto"`` stands for.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from geokernels import _extension
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# op name -> backends with a fused implementation (the reference "torch" is always there)
+_OPS: dict[str, tuple[str, ...]] = {}
+
+_HAS_TRITON_PACKAGE = importlib.util.find_spec("triton") is not None
+
+
+def register_op(name: str, backends: tuple[str, ...]) -> None:
+    for b in backends:
+        if b not in ("cuda", "triton", "cpu"):
+            raise ValueError(f"unknown backend {b!r} for op {name!r}")
+    _OPS[name] = tuple(backends)
+
+
+def registered_ops() -> dict[str, tuple[str, ...]]:
+    return dict(_OPS)
+
+
+def triton_usable(device_type: str) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if not _HAS_TRITON_PACKAGE:
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(op: str, device_type: str) -> list[str]:
+    """Backends that can run ``op`` on tensors of ``device_type`` in this process."""
+    out = []
+    impl = _OPS.get(op, ())
+    if device_type == "cuda" and "cuda" in impl and _extension.cuda_compiled():
+        out.append("cuda")
+    if "triton" in impl and triton_usable(device_type):
+        out.append("triton")
+    if device_type == "cpu" and "cpu" in impl and _extension.compiled():
+        out.append("cpu")
+    out.append("torch")
+    return out
+
+
+def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
+    """The backend that will run ``op`` on ``tensor``; ValueError for an impossible request."""
+    if backend is None or backend == "auto":
+        backend = os.environ.get("GEOKERNELS_BACKEND", "auto") or "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    impl = _OPS[op]
+    dev = tensor.device.type
+    if backend == "auto":
+        if dev == "cuda" and "cuda" in impl and _extension.cuda_compiled():
+            return "cuda"
+        if dev == "cuda" and "triton" in impl and triton_usable("cuda"):
+            return "triton"
+        if dev == "cpu" and "cpu" in impl and _extension.compiled():
+            return "cpu"
+        _extension.warn_reference_fallback(op)
+        return "torch"
+    if backend == "torch":
+        return "torch"
+    if backend not in impl:
+        raise ValueError(
+            f"backend={backend!r} is not implemented for {op}; it has {('torch',) + impl}")
+    if backend == "cuda":
+        if dev != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, but the input of {op} is on {dev}")
+        if not _extension.cuda_compiled():
+            raise ValueError(
+                "backend='cuda' requested but geokernels._C was built without CUDA kernels "
+                f"({'not built' if not _extension.compiled() else 'CPU-only build'}). "
+                + _extension.REBUILD_HINT)
+    elif backend == "cpu":
+        if dev != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, but the input of {op} is on {dev}")
+        if not _extension.compiled():
+            raise ValueError("backend='cpu' requested but geokernels._C is not built. "
+                             + _extension.REBUILD_HINT)
+    elif backend == "triton":
+        if not _HAS_TRITON_PACKAGE:
+            raise ValueError("backend='triton' requested but the triton package is not installed")
+        if not triton_usable(dev):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"the input of {op} is on {dev}")
+    return backend

@@ -1,0 +1,78 @@
+"""Loading the compiled extension ``geokernels._C`` and checking it matches the running torch.
+
+* Built against another torch than the one running: a clear ImportError saying how to rebuild
+  (a mismatched binary would crash or fail with undefined symbols).
+* Not built at all (e.g. a source checkout on PYTHONPATH): ops fall back to the pure-PyTorch
+  reference backend, and the first such op call warns once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+REBUILD_HINT = (
+    "Rebuild it against the torch you run: "
+    "`pip install --no-build-isolation --force-reinstall --no-deps -e .` in the geokernels "
+    "source tree (or `python setup.py build_ext --inplace`)."
+)
+
+_C = None
+_missing_reason: str | None = None
+_warned = False
+
+
+def _base_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+def _load():
+    global _C, _missing_reason
+    try:
+        from geokernels import _C as mod  # type: ignore[attr-defined]
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("geokernels._C", "_C"):
+            raise
+        _missing_reason = "geokernels._C is not built"
+        return
+    except ImportError as exc:  # undefined symbols etc.: almost always a torch ABI mismatch
+        raise ImportError(
+            f"geokernels._C could not be loaded with torch {torch.__version__}: {exc}. "
+            f"It was most likely built against another torch. {REBUILD_HINT}") from exc
+    built = getattr(mod, "TORCH_VERSION", None)
+    if built is None or _base_version(str(built)) != _base_version(torch.__version__):
+        raise ImportError(
+            f"geokernels._C was built against torch {built}, but torch {torch.__version__} is "
+            f"running. {REBUILD_HINT}")
+    _C = mod
+
+
+_load()
+
+
+def compiled() -> bool:
+    """True if the C++ extension is loaded."""
+    return _C is not None
+
+
+def cuda_compiled() -> bool:
+    """True if the extension contains the CUDA kernels."""
+    return _C is not None and bool(_C.cuda_compiled())
+
+
+def extension():
+    return _C
+
+
+def warn_reference_fallback(op: str) -> None:
+    """Say once, loudly, that compiled kernels are missing and the slow reference runs."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(
+        f"geokernels: {_missing_reason or 'no compiled kernel for this device'}; {op} and every "
+        f"other op run on the slow pure-PyTorch reference backend. {REBUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=3,
+    )

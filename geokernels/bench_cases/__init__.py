@@ -1,0 +1,2 @@
+"""Benchmark cases, one module per op family (registered on import)."""
+from geokernels.bench_cases import dconvex  # noqa: F401

@@ -1,0 +1,186 @@
+"""Kernel benchmarks shared by ``geokernels bench``, ``benchmarks/`` (pytest-benchmark) and
+``benchmarks/gpu_check.sh``: each fused backend against the reference, eager and compiled, in the
+same run, with effective bandwidth and peak memory.
+
+An op family adds cases with :func:`register_case`. A case builds its inputs once and returns,
+for an implementation name ("reference", "compiled", or a backend like "cpu"/"cuda"/"triton"),
+a zero-argument step function that runs the workload (forward + backward where the op has one).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from geokernels import _backend
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    label: str
+    make_step: Callable[[str], Callable[[], object]]
+    nbytes: int  # the minimum bytes a fused implementation must move per step
+    compile_reference: bool = True
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    label: str
+    impl: str
+    ms: float
+    speedup_vs_reference: float | None = None
+    speedup_vs_compiled: float | None = None
+    gbps: float | None = None
+    peak_mb: float | None = None
+    note: str = ""
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+_CASES: list[Callable[[torch.device, bool], list[Case]]] = []
+
+
+def register_case(factory: Callable[[torch.device, bool], list[Case]]):
+    """Register ``factory(device, quick) -> [Case]``; usable as a decorator."""
+    _CASES.append(factory)
+    return factory
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], object], device: torch.device, min_time: float = 0.3,
+              max_reps: int = 200, warmup: int = 2) -> float:
+    """Median wall time of one step in milliseconds (CUDA: device-synchronised events)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start_all < min_time or len(times) < 3):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native layer prints to fd 2; keep the table readable."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            sys.stderr.flush()
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float | None:
+    """Peak bytes allocated by torch during one step, above what was live before, in MB."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                  and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def _load_cases():
+    # importing the op families registers their cases
+    import geokernels.bench_cases  # noqa: F401
+
+
+def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick: bool = False,
+        compile_reference: bool = True, memory: bool = True, min_time: float = 0.3,
+        progress: bool = True) -> list[Result]:
+    """Time every registered case on ``device``; one row per (case, implementation)."""
+    _load_cases()
+    device = torch.device(device)
+    cases = [c for f in _CASES for c in f(device, quick) if ops is None or c.op in ops]
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    results: list[Result] = []
+    it = tqdm(cases, desc="bench", disable=not progress) if tqdm else cases
+    for case in it:
+        impls = ["reference"]
+        if compile_reference and case.compile_reference:
+            impls.append("compiled")
+        impls += [b for b in _backend.available_backends(case.op, device.type) if b != "torch"]
+        rows = {}
+        for impl in impls:
+            try:
+                step = case.make_step(impl)
+                ms = time_step(step, device, min_time=min_time)
+                peak = peak_memory_mb(step, device) if memory else None
+                rows[impl] = Result(case.op, case.label, impl, ms, peak_mb=peak,
+                                    gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None)
+            except Exception as exc:  # e.g. torch.compile unsupported here: report, go on
+                rows[impl] = Result(case.op, case.label, impl, math.nan,
+                                    note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        ref = rows["reference"].ms
+        comp = rows["compiled"].ms if "compiled" in rows else math.nan
+        for r in rows.values():
+            if not math.isnan(r.ms):
+                r.speedup_vs_reference = ref / r.ms if not math.isnan(ref) else None
+                r.speedup_vs_compiled = comp / r.ms if not math.isnan(comp) else None
+            results.append(r)
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    head = ["op", "case", "impl", "ms", "x ref", "x compiled", "GB/s", "peak MB", "note"]
+    rows = []
+    for r in results:
+        f = lambda v, fmt: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)  # noqa: E731
+        rows.append([r.op, r.label, r.impl, f(r.ms, ".3f"), f(r.speedup_vs_reference, ".2f"),
+                     f(r.speedup_vs_compiled, ".2f"), f(r.gbps, ".1f"), f(r.peak_mb, ".1f"), r.note])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,64 @@
+"""Argument validation shared by the public ops: errors name the offending argument."""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+from geokernels._checks import check_finite
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_image(t, name: str, *, channels: int | None = None, allow_low_precision_cuda: bool = True,
+                values: bool = True) -> None:
+    """``t`` must be a non-empty floating (B, C, H, W) tensor; float16/bfloat16 only on CUDA."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s), got shape {tuple(t.shape)}")
+    if t.dtype in _LOW_PRECISION and not (allow_low_precision_cuda and t.device.type == "cuda"):
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, which is supported on CUDA only; use float32 or float64")
+    if values:
+        check_finite(t, name)
+
+
+def check_choice(value, name: str, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_real(value, name: str, *, min_value: float | None = None, min_inclusive: bool = True,
+               max_value: float | None = None) -> float:
+    """A finite real scalar within [min, max]; returns it as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if min_value is not None and (v < min_value or (not min_inclusive and v == min_value)):
+        op = ">=" if min_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {min_value}, got {value!r}")
+    if max_value is not None and v > max_value:
+        raise ValueError(f"{name} must be <= {max_value}, got {value!r}")
+    return v
+
+
+def check_int(value, name: str, *, min_value: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    return value
+
+
+REDUCTIONS = ("mean", "sum", "none")

@@ -1,0 +1,99 @@
+"""Build geokernels._C: C++ CPU kernels always; CUDA kernels when torch is a CUDA build and a
+CUDA toolkit is found (no GPU needed to compile).
+
+Environment:
+  GEOKERNELS_NO_CUDA=1     build the CPU kernels only
+  GEOKERNELS_FORCE_CUDA=1  a missing CUDA toolkit is an error instead of a CPU-only build
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0")
+  CUDA_HOME / CUDA_PATH    toolkit root (found from nvcc on PATH otherwise, through wrappers)
+  MAX_JOBS                 parallel compile jobs (ninja)
+Install with `pip install --no-build-isolation -e .` so the build uses the torch you run.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit_root(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home() -> str | None:
+    """The real CUDA toolkit root. `nvcc` on PATH may be a symlink or a wrapper script
+    (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); follow both before guessing."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit_root(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        root = os.path.dirname(os.path.dirname(real))
+        if _is_toolkit_root(root):
+            return root
+        try:  # a wrapper script: look for the nvcc path it execs
+            with open(real, "r", errors="ignore") as fh:
+                text = fh.read(4096)
+            for cand in re.findall(r"(/[^\s'\"]+)/bin/nvcc", text):
+                if _is_toolkit_root(cand):
+                    return cand
+        except OSError:
+            pass
+    candidates = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda", "/opt/cuda"]
+    for cand in candidates:
+        if _is_toolkit_root(cand):
+            return cand
+    return None
+
+
+want_cuda = not _truthy("GEOKERNELS_NO_CUDA")
+cuda_home = find_cuda_home() if want_cuda else None
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = bool(want_cuda and cuda_home and torch.version.cuda)
+if _truthy("GEOKERNELS_FORCE_CUDA") and not with_cuda:
+    sys.exit(
+        "GEOKERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
+        f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root={cuda_home!r}. "
+        "Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME).")
+
+sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
+define_macros = [("GEOKERNELS_TORCH_VERSION", '"%s"' % torch.__version__)]
+cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
+nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    define_macros += [("GEOKERNELS_WITH_CUDA", None),
+                      ("GEOKERNELS_CUDA_VERSION_STRING", '"%s"' % torch.version.cuda)]
+    ext = CUDAExtension(
+        "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+else:
+    ext = CppExtension(
+        "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+print(f"geokernels: building with CUDA={'yes (' + cuda_home + ')' if with_cuda else 'no'}, "
+      f"torch {torch.__version__}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}",
+      file=sys.stderr)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,0 +1,58 @@
+"""Test helpers: relative errors, per-dtype tolerances, the backends to run on this machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geokernels import _backend
+
+# relative L2 tolerance per dtype (issue: <= 1e-12 float64, <= 1e-5 float32)
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; absolute error when ref is exactly zero."""
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    num = (out - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close_rel(out, ref, dtype=None, factor: float = 1.0, what: str = ""):
+    dtype = dtype or ref.dtype
+    err = rel_err(out, ref)
+    tol = RTOL[dtype] * factor
+    assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e}"
+
+
+def backends_for(op: str, device: str = "cpu") -> list[str]:
+    """The fused backends for ``op`` that can run here (the reference is the oracle)."""
+    return [b for b in _backend.available_backends(op, device) if b != "torch"]
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_params(op: str):
+    """pytest params (device, backend) for every fused backend runnable on this machine."""
+    params = []
+    for dev in ("cpu", "cuda"):
+        for b in ("cpu", "cuda", "triton"):
+            marks = []
+            if dev == "cuda":
+                marks.append(pytest.mark.cuda)
+            if b == "triton":
+                marks.append(pytest.mark.triton)
+            usable = (dev == "cpu" or torch.cuda.is_available()) and b in backends_for(op, dev)
+            if not usable:
+                marks.append(pytest.mark.skip(reason=f"{b} backend not available on {dev} here"))
+            if (dev == "cpu" and b == "cuda") or (dev == "cuda" and b == "cpu"):
+                continue
+            params.append(pytest.param(dev, b, id=f"{dev}-{b}", marks=marks))
+    return params
