@@ -6,6 +6,20 @@ anomaly detection. Ops take ``backend="auto"|"cuda"|"triton"|"cpu"|"torch"``.
 from geokernels._version import __version__
 from geokernels import _extension
 from geokernels._checks import get_checks, set_checks
+
+# ops (SPEC 1.2)
 from geokernels.ops import qc2_loss
 
-__all__ = ["__version__", "qc2_loss", "set_checks", "get_checks"]
+# ops (SPEC 1.3-1.5)
+
+# ops (SPEC 1.6)
+
+# ops (SPEC 2.1-2.2)
+
+# ops (SPEC 2.3-2.4)
+
+# ops (SPEC 3)
+
+# high-level API (models, detector)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -14,6 +14,12 @@ import sys
 _SUBCOMMAND_MODULES = [
     "geokernels.cli:_info_parser",
     "geokernels.cli:_bench_parser",
+    # demo
+
+    # anomaly {train,score,eval}
+
+    # segment {train,eval}
+
 ]
 
 

@@ -31,6 +31,16 @@ TORCH_LIBRARY(geokernels, m) {
   m.def(
       "qc2_loss_backward(Tensor grad, Tensor u, float margin, float beta, float eps, "
       "float grad_threshold, str activation, str reduction) -> Tensor");
+
+  // ---- SPEC 1.3-1.5: qc1_loss, fidelity_loss, CGPM fused steps --------------------------------
+
+  // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
+
+  // ---- SPEC 2.1-2.2: exact distance transform, contour-flow field ----------------------------
+
+  // ---- SPEC 2.3-2.4: contour-flow loss, CFSS iterations -------------------------------------
+
+  // ---- SPEC 3: flow-mismatching path building and reduction ----------------------------------
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -1,2 +1,6 @@
 """Benchmark cases, one module per op family (registered on import)."""
 from geokernels.bench_cases import dconvex  # noqa: F401
+
+# contour flow
+
+# flow mismatching

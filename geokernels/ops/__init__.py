@@ -1,4 +1,15 @@
 """Public functional API, one module per op family."""
+# SPEC 1.2
 from geokernels.ops.qc_loss import qc2_loss
 
-__all__ = ["qc2_loss"]
+# SPEC 1.3-1.5 (qc1_loss, fidelity_loss, cgpm)
+
+# SPEC 1.6 (midpoint_convexify)
+
+# SPEC 2.1-2.2 (distance_transform, contour_flow_field)
+
+# SPEC 2.3-2.4 (contour_flow_loss, cfss_iterate)
+
+# SPEC 3 (flow_mismatch, anomaly_score)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,4 +1,15 @@
 """Pure-PyTorch transcription of SPEC.md: the oracle every backend is tested against."""
+# SPEC 1.2
 from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 
-__all__ = ["qc2_loss", "qc2_loss_map"]
+# SPEC 1.3-1.5
+
+# SPEC 1.6
+
+# SPEC 2.1-2.2
+
+# SPEC 2.3-2.4
+
+# SPEC 3
+
+__all__ = [name for name in dir() if not name.startswith("_")]

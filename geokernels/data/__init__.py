@@ -1,0 +1,6 @@
+"""Datasets: offline synthetic/real-photo sets and loaders for MVTec-AD / VisA folder layouts."""
+# segmentation: synthetic shapes, real-photo masks, user folders
+
+# anomaly detection: MVTec-AD, VisA, offline textures
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,6 @@
+"""Evaluation metrics (SPEC 2.6 and 3)."""
+# segmentation: dice, iou, hd95, boundary_distance, solidity
+
+# anomaly detection: auroc, average_precision, f1_max, aupro
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,6 @@
+"""torch.nn modules built on the fused ops."""
+# D-Convexity (QuasiConcavityLoss, CGPM, SegmentationWithCGPM)
+
+# Contour Flow (ContourFlowLoss, CFSSBlock)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
