@@ -7,6 +7,7 @@ from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 # SPEC 1.6
 
 # SPEC 2.1-2.2
+from geokernels.reference.contour_flow import div_backward, grad_forward
 
 # SPEC 2.3-2.4
 
