@@ -20,6 +20,13 @@ namespace {
 
 constexpr int64_t kColsPerBlock = 256;  // column pass: one block sweeps all rows of 256 columns
 constexpr int64_t kRowsPerBlock = 16;   // row pass / field: 16 rows of one plane
+constexpr int64_t kMinPixelsPerTask = 1 << 16;  // smaller inputs stay on the calling thread
+
+// at::parallel_for grain (in blocks) so that a task holds at least kMinPixelsPerTask pixels:
+// waking the pool costs more than a small image (and much more on a loaded machine).
+int64_t grain_for(int64_t pixels_per_block) {
+  return std::max<int64_t>(1, kMinPixelsPerTask / std::max<int64_t>(1, pixels_per_block));
+}
 
 NoBackground parse_no_background(c10::string_view v) {
   if (v == "inf") return NoBackground::Inf;
@@ -44,7 +51,8 @@ void column_pass(const at::Tensor& mask, bool invert, int32_t* g) {
   AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask.scalar_type(),
                              "edt_column_pass", [&] {
     const scalar_t* mp = mask.data_ptr<scalar_t>();
-    at::parallel_for(0, planes * col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t grain = grain_for(kColsPerBlock * H);
+    at::parallel_for(0, planes * col_blocks, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t plane = b / col_blocks, c0 = (b % col_blocks) * kColsPerBlock;
         const int64_t c1 = std::min(c0 + kColsPerBlock, W);
@@ -58,7 +66,8 @@ void column_pass(const at::Tensor& mask, bool invert, int32_t* g) {
 template <class S>
 void row_pass(const int32_t* g, int64_t planes, int64_t H, int64_t W, NoBackground mode, S* out) {
   const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
-  at::parallel_for(0, planes * row_blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = grain_for(kRowsPerBlock * W);
+  at::parallel_for(0, planes * row_blocks, grain, [&](int64_t b0, int64_t b1) {
     EdtRowScratch scratch(W);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t plane = b / row_blocks, r0 = (b % row_blocks) * kRowsPerBlock;
@@ -95,7 +104,8 @@ template <class S, class T>
 void field_pass(const T* mask, const S* d_in, const S* d_out, const int32_t* g_in,
                 const int32_t* g_out, int64_t planes, int64_t H, int64_t W, bool central, S* out) {
   const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
-  at::parallel_for(0, planes * row_blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t grain = grain_for(kRowsPerBlock * W);
+  at::parallel_for(0, planes * row_blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t plane = b / row_blocks, r0 = (b % row_blocks) * kRowsPerBlock;
       const int64_t r1 = std::min(r0 + kRowsPerBlock, H);
