@@ -2,9 +2,9 @@
 //
 // Column pass: g[i,j] = |i - k| for the nearest target pixel k in column j (a down sweep and an
 // up sweep, run row by row over a block of columns so the inner loop is contiguous and
-// vectorises). Row pass: d^2[i,j] = min_k (j - k)^2 + g[i,k]^2, the lower envelope of parabolas
-// of Meijster, Roerdink & Hesselink (2000) (the integer form of Felzenszwalb-Huttenlocher): O(W)
-// per row, all in int64, so the result is exact.
+// vectorises). Row pass: d^2[i,j] = min_k (j - k)^2 + g[i,k]^2, per row either by the lower
+// envelope of parabolas (Meijster et al., O(W)) or, where the column distances are small, by the
+// cheaper outward scan (see distance_math.h). All in int64, so the result is exact.
 #pragma once
 
 #include <algorithm>
@@ -58,68 +58,22 @@ struct EdtRowScratch {
   explicit EdtRowScratch(int64_t W) : s(static_cast<size_t>(W)), t(static_cast<size_t>(W)) {}
 };
 
-// Row pass for one row by scanning k outward from every pixel j until (k - j)^2 alone reaches
-// the best value found: exact, and O(min(g[j], W)) per pixel since the k = j term already
-// bounds the answer by g[j]^2. Much cheaper than the envelope where most column distances are
-// small (background-dominated rows: a zero pixel costs one read).
+// Row pass for one row by the outward scan (cheap where column distances are small: a zero
+// pixel costs one read).
 template <class S>
 void edt_row_scan(const int32_t* g, int64_t W, S* out) {
-  for (int64_t j = 0; j < W; ++j) {
-    const int64_t gj = g[j];
-    if (gj == 0) {
-      out[j] = S(0);
-      continue;
-    }
-    int64_t best = gj * gj;
-    for (int64_t r = 1; r * r < best; ++r) {
-      if (j - r >= 0) {
-        const int64_t v = g[j - r];
-        best = std::min(best, r * r + v * v);
-      }
-      if (j + r < W) {
-        const int64_t v = g[j + r];
-        best = std::min(best, r * r + v * v);
-      }
-      if (j - r < 0 && j + r >= W) break;
-    }
-    out[j] = edt_from_squared<S>(best);
-  }
+  for (int64_t j = 0; j < W; ++j)
+    out[j] = g[j] == 0 ? S(0) : edt_from_squared<S>(edt_row_min_scan(g, W, j));
 }
 
 // Row pass for one row by the lower envelope of parabolas, O(W).
 template <class S>
 void edt_row_envelope(const int32_t* g, int64_t W, EdtRowScratch& scratch, S* out) {
-  int32_t* s = scratch.s.data();
-  int32_t* t = scratch.t.data();
-  auto f = [g](int64_t x, int64_t i) {
-    const int64_t gi = g[i];
-    return (x - i) * (x - i) + gi * gi;
-  };
-  // Sep(i, u): the last x at which parabola i is not worse than parabola u (floor division; the
-  // numerator is >= 0 whenever it is evaluated, see the loop condition).
-  auto sep = [g](int64_t i, int64_t u) {
-    const int64_t gi = g[i], gu = g[u];
-    return (u * u - i * i + gu * gu - gi * gi) / (2 * (u - i));
-  };
-  int64_t q = 0;
-  s[0] = 0;
-  t[0] = 0;
-  for (int64_t u = 1; u < W; ++u) {
-    while (q >= 0 && f(t[q], s[q]) > f(t[q], u)) --q;
-    if (q < 0) {
-      q = 0;
-      s[0] = static_cast<int32_t>(u);
-    } else {
-      const int64_t w = 1 + sep(s[q], u);
-      if (w < W) {
-        ++q;
-        s[q] = static_cast<int32_t>(u);
-        t[q] = static_cast<int32_t>(w);
-      }
-    }
-  }
+  const int32_t* s = scratch.s.data();
+  const int32_t* t = scratch.t.data();
+  int64_t q = edt_envelope(g, W, scratch.s.data(), scratch.t.data()) - 1;
   for (int64_t u = W - 1; u >= 0; --u) {
-    out[u] = edt_from_squared<S>(f(u, s[q]));
+    out[u] = edt_from_squared<S>(edt_parabola(g, u, s[q]));
     if (u == t[q]) --q;
   }
 }
@@ -128,10 +82,9 @@ void edt_row_envelope(const int32_t* g, int64_t W, EdtRowScratch& scratch, S* ou
 // its cost bound sum_j min(g[j], W) is small, else the O(W) lower envelope (Meijster).
 template <class S>
 void edt_row(const int32_t* g, int64_t W, EdtRowScratch& scratch, S* out) {
-  constexpr int64_t kScanSteps = 4;  // per pixel, on average: ~ the envelope's cost
   int64_t scan_cost = 0;
   for (int64_t j = 0; j < W; ++j) scan_cost += std::min<int64_t>(g[j], W);
-  if (scan_cost <= kScanSteps * W) {
+  if (scan_cost <= kEdtScanStepsPerPixel * W) {
     edt_row_scan(g, W, out);
     return;
   }

@@ -37,6 +37,63 @@ GK_HD bool edt_is_target(T v, bool invert) {
   return invert ? nonzero : !nonzero;
 }
 
+// One parabola of the row pass: (x - k)^2 + g[k]^2.
+GK_HD int64_t edt_parabola(const int32_t* g, int64_t x, int64_t k) {
+  const int64_t gk = g[k];
+  return (x - k) * (x - k) + gk * gk;
+}
+
+// min_k (j - k)^2 + g[k]^2 by scanning k outward from j until (k - j)^2 alone reaches the best
+// value found: exact (no farther k can win), O(min(g[j], W)) steps since the k = j term bounds
+// the answer by g[j]^2.
+GK_HD int64_t edt_row_min_scan(const int32_t* g, int64_t W, int64_t j) {
+  const int64_t gj = g[j];
+  int64_t best = gj * gj;
+  for (int64_t r = 1; r * r < best && (j - r >= 0 || j + r < W); ++r) {
+    if (j - r >= 0) {
+      const int64_t c = edt_parabola(g, j, j - r);
+      best = c < best ? c : best;
+    }
+    if (j + r < W) {
+      const int64_t c = edt_parabola(g, j, j + r);
+      best = c < best ? c : best;
+    }
+  }
+  return best;
+}
+
+// A row is minimised by the scan when sum_j min(g[j], W) (a bound on its steps) is at most this
+// many steps per pixel, else by the envelope (about this costly per pixel, but never more).
+constexpr int64_t kEdtScanStepsPerPixel = 4;
+
+// Lower envelope of the parabolas x -> (x - k)^2 + g[k]^2, k = 0..W-1 (Meijster, Roerdink &
+// Hesselink 2000, the integer form of Felzenszwalb-Huttenlocher): on return s[0..n) are the
+// parabolas of the envelope from left to right and t[q] is the first x where s[q] is minimal
+// (t[0] = 0, increasing). O(W), all integer. Returns n.
+GK_HD int64_t edt_envelope(const int32_t* g, int64_t W, int32_t* s, int32_t* t) {
+  int64_t q = 0;
+  s[0] = 0;
+  t[0] = 0;
+  for (int64_t u = 1; u < W; ++u) {
+    while (q >= 0 && edt_parabola(g, t[q], s[q]) > edt_parabola(g, t[q], u)) --q;
+    if (q < 0) {
+      q = 0;
+      s[0] = static_cast<int32_t>(u);
+    } else {
+      // Sep(i, u): the last x where parabola i is not worse than u (floor division; the
+      // numerator is >= 0 here because i was not worse at t[q] >= 0)
+      const int64_t i = s[q], gi = g[i], gu = g[u];
+      const int64_t w = 1 + (u * u - i * i + gu * gu - gi * gi) / (2 * (u - i));
+      if (w < W) {
+        ++q;
+        s[q] = static_cast<int32_t>(u);
+        t[q] = static_cast<int32_t>(w);
+      }
+    }
+  }
+  return q + 1;
+}
+
 template <class S>
 GK_HD S edt_from_squared(int64_t n) {
   return static_cast<S>(::sqrt(static_cast<double>(n)));

@@ -5,9 +5,11 @@
 //   column kernel: one thread per (plane, column) sweeps down and up: g = |i - k| to the nearest
 //     target pixel in the column (coalesced: neighbouring threads read neighbouring columns);
 //     it also ORs a per-plane "has a target pixel" flag (integer atomics: order-independent).
-//   row kernel: one thread per pixel minimises (j - k)^2 + g[i,k]^2 scanning k outward from j
-//     and stopping once (k - j)^2 alone reaches the best value: O(distance) work per pixel,
-//     exact (no candidate beyond the stop can be smaller).
+//   row kernel: one block per row. The block sums the scan's cost bound sum_j min(g[j], W);
+//     cheap rows (most rows of real masks) are minimised pixel-parallel by the outward scan,
+//     the others by the O(W) lower envelope, built by one thread in shared memory and then read
+//     by all threads (binary search of each pixel's segment). Rows too wide for shared memory
+//     always take the scan (exact, only slower).
 //   field kernel: one thread per pixel applies the SPEC 2.2 stencil to the two distance maps.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,50 +48,78 @@ __global__ void edt_column_kernel(const T* __restrict__ mask, int64_t planes, in
     int32_t* gc = g + plane * H * W + j;
     int32_t run = inf;
     bool any = false;
+#pragma unroll 8
     for (int64_t i = 0; i < H; ++i) {
       const bool target = edt_is_target(m[i * W], invert);
       run = target ? 0 : run + 1;
       any = any || target;
       gc[i * W] = run;
     }
+    // run holds g[H-1]; carry the up-sweep value in a register (no dependent reloads)
+#pragma unroll 8
     for (int64_t i = H - 2; i >= 0; --i) {
-      const int32_t below = gc[(i + 1) * W] + 1;
       const int32_t here = gc[i * W];
-      if (below < here) gc[i * W] = below;
+      run = run + 1 < here ? run + 1 : here;
+      if (run != here) gc[i * W] = run;
     }
     if (any) atomicOr(has_target + plane, 1);
   }
 }
 
-// min_k (j - k)^2 + g[k]^2 over one row, scanning outward from j.
-__device__ __forceinline__ int64_t edt_row_min(const int32_t* __restrict__ gr, int64_t W, int64_t j) {
-  const int64_t gj = gr[j];
-  int64_t best = gj * gj;
-  for (int64_t r = 1; r * r < best && (j - r >= 0 || j + r < W); ++r) {
-    if (j - r >= 0) {
-      const int64_t v = gr[j - r];
-      const int64_t c = r * r + v * v;
-      best = c < best ? c : best;
-    }
-    if (j + r < W) {
-      const int64_t v = gr[j + r];
-      const int64_t c = r * r + v * v;
-      best = c < best ? c : best;
-    }
-  }
-  return best;
-}
-
+// One block per row (grid-stride over rows); blockDim.x is a multiple of 32, at most kThreads.
+// Dynamic shared memory: 2 * W int32 (the envelope) when use_envelope, else none.
 template <class S>
 __global__ void edt_row_kernel(const int32_t* __restrict__ g, const int* __restrict__ has_target,
                                int64_t planes, int64_t H, int64_t W, NoBackground mode,
-                               S* __restrict__ out) {
-  const int64_t n = planes * H * W;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t plane = idx / (H * W), rem = idx % (H * W), i = rem / W, j = rem % W;
-    if (has_target[plane]) out[idx] = edt_from_squared<S>(edt_row_min(g + plane * H * W + i * W, W, j));
-    else out[idx] = edt_no_background_value<S>(mode, i, j);
+                               bool use_envelope, S* __restrict__ out) {
+  extern __shared__ int32_t envelope[];  // s[0..W), t[0..W)
+  __shared__ long long warp_cost[kThreads / 32];
+  __shared__ long long row_cost;
+  __shared__ int envelope_size;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  for (int64_t row = blockIdx.x; row < planes * H; row += gridDim.x) {
+    const int64_t plane = row / H, i = row % H;
+    const int32_t* gr = g + row * W;
+    S* orow = out + row * W;
+    if (!has_target[plane]) {  // uniform over the block
+      for (int64_t j = tid; j < W; j += nthreads) orow[j] = edt_no_background_value<S>(mode, i, j);
+      continue;
+    }
+    bool scan = true;
+    if (use_envelope) {
+      long long c = 0;
+      for (int64_t j = tid; j < W; j += nthreads) c += gr[j] < W ? gr[j] : W;
+      for (int off = 16; off > 0; off /= 2) c += __shfl_down_sync(0xffffffffu, c, off);
+      if ((tid & 31) == 0) warp_cost[tid / 32] = c;
+      __syncthreads();
+      if (tid == 0) {
+        long long total = 0;  // fixed order; integers anyway
+        for (int w = 0; w < nthreads / 32; ++w) total += warp_cost[w];
+        row_cost = total;
+      }
+      __syncthreads();
+      scan = row_cost <= kEdtScanStepsPerPixel * W;
+    }
+    if (scan) {
+      for (int64_t j = tid; j < W; j += nthreads)
+        orow[j] = gr[j] == 0 ? S(0) : edt_from_squared<S>(edt_row_min_scan(gr, W, j));
+    } else {
+      int32_t* s = envelope;
+      int32_t* t = envelope + W;
+      if (tid == 0) envelope_size = static_cast<int>(edt_envelope(gr, W, s, t));
+      __syncthreads();
+      const int n = envelope_size;
+      for (int64_t j = tid; j < W; j += nthreads) {
+        int lo = 0, hi = n - 1;  // the last segment q with t[q] <= j (t[0] = 0)
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (t[mid] <= j) lo = mid;
+          else hi = mid - 1;
+        }
+        orow[j] = edt_from_squared<S>(edt_parabola(gr, j, s[lo]));
+      }
+    }
+    __syncthreads();  // shared state is rewritten by the next row
   }
 }
 
@@ -156,8 +186,24 @@ void column_pass(const at::Tensor& mask, bool invert, at::Tensor& g, at::Tensor&
 template <class S>
 void row_pass(const at::Tensor& g, const at::Tensor& flags, int64_t planes, int64_t H, int64_t W,
               NoBackground mode, S* out, cudaStream_t stream) {
-  edt_row_kernel<S><<<blocks_for(planes * H * W), kThreads, 0, stream>>>(
-      g.data_ptr<int32_t>(), flags.data_ptr<int>(), planes, H, W, mode, out);
+  // threads per row: W rounded up to a warp, at most kThreads
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, (W + 31) / 32 * 32));
+  const int64_t rows = planes * H;
+  const int blocks = static_cast<int>(std::min<int64_t>(rows, kMaxBlocks));
+  // the envelope lives in shared memory: 8 W bytes, up to what the device allows per block
+  int device = 0, max_shared = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t static_bytes = static_cast<int64_t>(sizeof(long long)) * (kThreads / 32 + 1) + 64;
+  const int64_t env_bytes = 2 * W * static_cast<int64_t>(sizeof(int32_t));
+  const bool use_envelope = W > 1 && env_bytes + static_bytes <= max_shared;
+  const int shared = use_envelope ? static_cast<int>(env_bytes) : 0;
+  if (shared > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(edt_row_kernel<S>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  }
+  edt_row_kernel<S><<<blocks, threads, shared, stream>>>(
+      g.data_ptr<int32_t>(), flags.data_ptr<int>(), planes, H, W, mode, use_envelope, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
