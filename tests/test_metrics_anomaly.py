@@ -382,8 +382,28 @@ def test_accumulator_bad_input():
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA
+# CUDA (and the torch code path CUDA takes, exercised on the CPU)
 # --------------------------------------------------------------------------------------------
+def test_torch_code_path_matches_numpy_path(monkeypatch):
+    from geokernels.metrics import anomaly
+
+    batches = make_test_set(4, n_batches=3)
+    heat = torch.from_numpy(np.concatenate([b[0] for b in batches]))
+    masks = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    fast = {fn.__name__: fn(heat, masks) for fn in (auroc, average_precision, f1_max, aupro)}
+    monkeypatch.setattr(anomaly, "_NUMPY_ON_CPU", False)
+    for fn in (auroc, average_precision, f1_max, aupro):
+        assert abs(fn(heat, masks) - fast[fn.__name__]) <= 1e-12, fn.__name__
+    acc = AnomalyMetricAccumulator(chunk_size=50)
+    for h, m, sc, y in batches:
+        acc.update(heatmaps=h, masks=m, image_scores=sc, image_labels=y)
+    result = acc.compute()
+    assert abs(result["aupro"] - reference_aupro(heat.double().numpy(), masks.numpy())) <= TOL
+    assert abs(result["pixel_auroc"] - fast["auroc"]) <= 1e-12
+    with pytest.raises(ValueError, match="heatmaps contains NaN"):
+        aupro(torch.where(masks, float("nan"), heat), masks)
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -3,32 +3,37 @@
 All four are exact: every distinct score is one threshold, and tied scores move together, exactly
 as in scikit-learn (``roc_auc_score``, ``average_precision_score``, ``precision_recall_curve``)
 and in the MVTec-AD evaluation code (AUPRO). Inputs may be torch tensors (CPU or CUDA), numpy
-arrays or nested lists; the work runs on the input's device, results are Python floats.
+arrays or nested lists; the work runs on the input's device, results are Python floats. Scores
+are scanned for NaN (an error) -- on CUDA that is one host sync per call, which a metric that
+returns a Python float needs anyway. Integer scores are compared in float64 (exact below 2**53).
 
-How it stays exact without sorting every pixel
-----------------------------------------------
+How it stays exact and streams
+------------------------------
 Each metric is a functional of the ROC / PRO curve, and that curve only changes slope where a
 *positive* score sits: between two consecutive distinct positive scores the true-positive count
 (and the per-region overlap) is constant, so the curve there is a horizontal run whose length is
 just the number of negatives falling in that gap. So we
 
-1. sort the positive scores only (usually a small fraction of the pixels) and take their distinct
-   values ``u_0 > u_1 > ... > u_{M-1}`` with per-value positive counts / region weights;
-2. stream the negatives chunk by chunk through ``torch.bucketize`` against ``u`` and count how
-   many fall strictly inside each gap and how many tie each ``u_d`` (a ``bincount`` of 2M+1 bins);
-3. read every metric off the resulting 2M+2 curve vertices. Ties between a positive and negatives
-   give the diagonal segment scikit-learn's trapezoid draws; the horizontal runs contain every
-   other vertex scikit-learn would list (they are collinear, so areas are unchanged).
+1. sort the positive scores and take their distinct values ``u_0 < u_1 < ... < u_{M-1}`` with
+   per-value positive counts and region weights (1 / region size, for AUPRO);
+2. take the negatives chunk by chunk (``chunk_size`` at a time), sort each chunk, and count with
+   two ``searchsorted`` passes of ``u`` how many negatives of the chunk tie each ``u_i`` and how
+   many fall strictly between ``u_{i-1}`` and ``u_i`` (2M+1 counts, summed over chunks);
+3. read every metric off the resulting 2M+2 curve vertices. A tie between positives and
+   negatives gives the diagonal segment scikit-learn's trapezoid draws; the horizontal runs hold
+   every other vertex scikit-learn would list (collinear, so areas are unchanged).
 
-Cost: O(P log P) for the positives plus O(N log M) for the negatives, never a sort of all pixels.
+CPU chunks are sorted with numpy (an in-place SIMD sort, much faster than ``torch.sort`` on CPU
+and without an index array); CUDA chunks with ``torch.sort``.
 
-Memory (``AnomalyMetricAccumulator``): every pixel is stored once, in its score dtype (float32:
-4 bytes, float64: 8 bytes); positive pixels additionally keep their ground-truth region size as
-int32 (4 bytes). Labels cost nothing (positives and negatives go to different lists). At
-:meth:`~AnomalyMetricAccumulator.compute` the extra memory is the sorted positives (about 24 bytes
-per positive pixel: values, int64 sort indices, float64 weights) plus ``chunk_size`` negatives at a
-time (about 30 bytes each for bucket indices and codes), plus O(M) for the curve -- never a second copy of
-the negatives.
+Memory. One-shot functions: the negatives of one chunk are copied and sorted at a time (4 or 8
+bytes per element, plus an int64 index per element on CUDA), plus the sorted positives (about 24
+bytes per positive pixel: values, int64 order, float64 weights). ``AnomalyMetricAccumulator``:
+every pixel is stored once, in its score dtype (float32: 4 bytes, float64: 8 bytes); positive
+pixels additionally keep their region size as int32. Labels cost nothing (positives and
+negatives go to different lists). ``compute`` sorts the stored negatives in place on the CPU (no
+extra memory; CUDA: a ``chunk_size`` temporary) and needs the sorted positives as above, plus
+O(M) for the curve -- never a second copy of all pixels.
 
 AUPRO protocol (MVTec AD, Bergmann et al. 2021): regions are the 8-connected components of each
 ground-truth mask (``scipy.ndimage.label`` with a full 3x3 structure, per image); PRO(t) is the
@@ -54,7 +59,7 @@ __all__ = [
     "AnomalyMetricAccumulator",
 ]
 
-_DEFAULT_CHUNK = 1 << 22          # negatives bucketized per step (bounds temporaries)
+_DEFAULT_CHUNK = 1 << 22          # negatives sorted per step (bounds temporaries)
 _LABEL_CHUNK_PIXELS = 1 << 24      # pixels labelled per scipy call (bounds the int32 label map)
 # in-plane 8-connectivity for a stack of (N, H, W) masks: no connection across images
 _STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)
@@ -79,6 +84,35 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor, numpy array or list, got {type(x).__name__}")
 
 
+# Element-wise passes over CPU tensors go through numpy: single-threaded and several times faster
+# than the equivalent torch CPU calls for sorting, boolean reductions and masked selection. The
+# torch branches are what CUDA tensors take (tests also run them on the CPU via this switch).
+_NUMPY_ON_CPU = True
+
+
+def _use_numpy(t: torch.Tensor) -> bool:
+    return _NUMPY_ON_CPU and t.device.type == "cpu"
+
+
+def _any_nan(t: torch.Tensor) -> bool:
+    if _use_numpy(t):
+        return bool(np.isnan(t.numpy()).any())
+    return bool(torch.isnan(t).any())
+
+
+def _count_true(mask: torch.Tensor) -> int:
+    if _use_numpy(mask):
+        return int(np.count_nonzero(mask.numpy()))
+    return int(mask.sum())
+
+
+def _select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask]`` as a new 1-D tensor (both 1-D)."""
+    if _use_numpy(values):
+        return torch.from_numpy(values.numpy()[mask.numpy()])
+    return values[mask]
+
+
 def _score_dtype(dtype: torch.dtype, name: str) -> torch.dtype:
     """The dtype scores are compared in: exact for every input dtype."""
     if dtype == torch.bool or dtype.is_complex:
@@ -93,7 +127,7 @@ def _prepare_scores(x, name: str) -> torch.Tensor:
     t = t.to(_score_dtype(t.dtype, name))
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-    if bool(torch.isnan(t).any()):
+    if _any_nan(t):
         raise ValueError(f"{name} contains NaN values")
     return t
 
@@ -105,7 +139,7 @@ def _prepare_binary(x, name: str, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{name} must hold 0/1 values, got dtype {t.dtype}")
     if t.dtype != torch.bool:
         bad = (t != 0) & (t != 1)
-        if bool(bad.any()):
+        if _count_true(bad):
             value = t[bad].flatten()[0].item()
             hint = " (divide 0/255 masks by 255)" if value == 255 else ""
             raise ValueError(f"{name} must contain only 0 and 1, found {value!r}{hint}")
@@ -157,14 +191,37 @@ def _region_sizes(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _PositiveTable:
-    ascending: torch.Tensor        # (M,) distinct positive scores, ascending (bucketize boundaries)
-    counts_desc: torch.Tensor      # (M,) int64 positives per distinct value, descending order
-    weights_desc: torch.Tensor | None  # (M,) float64 summed region weights 1/|R|, descending
-    ascending_with_sentinel: torch.Tensor  # (M+1,) ``ascending`` followed by NaN
+    ascending: torch.Tensor            # (M,) distinct positive scores, ascending
+    counts: torch.Tensor               # (M,) int64 positives per distinct value
+    weights: torch.Tensor | None       # (M,) float64 summed region weights 1/|R| per value
+
+
+def _sort(values: torch.Tensor, with_order: bool = False):
+    """Ascending sort; numpy on the CPU (SIMD sort, no index array unless asked for)."""
+    if _use_numpy(values):
+        array = values.numpy()
+        if with_order:
+            order = np.argsort(array, kind="stable")
+            return torch.from_numpy(array[order]), torch.from_numpy(order)
+        return torch.from_numpy(np.sort(array))
+    if with_order:
+        return torch.sort(values, stable=True)
+    return torch.sort(values).values
+
+
+def _sort_in_place(values: torch.Tensor) -> torch.Tensor:
+    """Sort a contiguous 1-D tensor we own: in place on the CPU, a sorted copy on CUDA."""
+    if _use_numpy(values):
+        values.numpy().sort()
+        return values
+    return torch.sort(values).values
 
 
 def _positive_table(pos_scores: torch.Tensor, pos_region_sizes: torch.Tensor | None) -> _PositiveTable:
-    values, order = torch.sort(pos_scores, descending=True, stable=True)
+    if pos_region_sizes is None:
+        values, order = _sort(pos_scores.contiguous()), None
+    else:
+        values, order = _sort(pos_scores.contiguous(), with_order=True)
     last_of_run = torch.ones_like(values, dtype=torch.bool)
     last_of_run[:-1] = values[1:] != values[:-1]
     ends = torch.nonzero(last_of_run).flatten()            # index of the last element of each tie run
@@ -172,30 +229,25 @@ def _positive_table(pos_scores: torch.Tensor, pos_region_sizes: torch.Tensor | N
     counts = torch.diff(cum_counts, prepend=cum_counts.new_zeros(1))
     weights = None
     if pos_region_sizes is not None:
-        # cumulative sum in the sorted order, then differences at run ends: deterministic order
-        w = pos_region_sizes[order].to(torch.float64).reciprocal()
+        # cumulative sum in the sorted order, differences at run ends: deterministic rounding
+        w = pos_region_sizes[order.to(pos_region_sizes.device)].to(torch.float64).reciprocal()
         cum_w = torch.cumsum(w, 0)[ends]
         weights = torch.diff(cum_w, prepend=cum_w.new_zeros(1))
-    ascending = values[ends].flip(0).contiguous()
-    with_sentinel = torch.cat([ascending, ascending.new_full((1,), float("nan"))])
-    return _PositiveTable(ascending, counts, weights, with_sentinel)
+    return _PositiveTable(values[ends].contiguous(), counts, weights)
 
 
-def _bin_negatives(table: _PositiveTable, chunk: torch.Tensor, exclude: torch.Tensor | None,
-                   bins: torch.Tensor) -> None:
-    """Add to ``bins`` (2M+1, ascending codes) the negatives of ``chunk``: code 2i+1 means
-    "equal to u_asc[i]", code 2i means "strictly between u_asc[i-1] and u_asc[i]"."""
-    m = table.ascending.numel()
-    below = torch.bucketize(chunk, table.ascending, out_int32=True)   # distinct positives < x
-    # x ties a positive value iff it equals the first boundary not below it; the NaN sentinel
-    # (scores never hold NaN) makes "above every positive" compare unequal without a clamp
-    tie = table.ascending_with_sentinel[below] == chunk
-    code = below.mul_(2).add_(tie)
-    if exclude is not None:                                 # positives of a mixed chunk
-        code.masked_fill_(exclude, 2 * m + 1)
-        bins += torch.bincount(code, minlength=2 * m + 2)[: 2 * m + 1]
-    else:
-        bins += torch.bincount(code, minlength=2 * m + 1)
+def _count_negatives(table: _PositiveTable, sorted_negatives: torch.Tensor,
+                     bins: torch.Tensor) -> None:
+    """Add to ``bins`` (2M+1, ascending codes) the negatives of one sorted chunk: code 2i+1 =
+    "equal to u_i", code 2i = "strictly between u_{i-1} and u_i", code 2M = "above u_{M-1}"."""
+    n = sorted_negatives.numel()
+    if n == 0:
+        return
+    below = torch.searchsorted(sorted_negatives, table.ascending, right=False)   # # neg < u_i
+    at_or_below = torch.searchsorted(sorted_negatives, table.ascending, right=True)
+    bins[1::2] += at_or_below - below
+    bins[0:-1:2] += below - torch.cat([below.new_zeros(1), at_or_below[:-1]])
+    bins[-1] += n - at_or_below[-1]
 
 
 @dataclass
@@ -216,18 +268,22 @@ class _Curve:
 def _make_curve(table: _PositiveTable, bins: torch.Tensor, n_pos: int, n_neg: int,
                 n_regions: int | None) -> _Curve:
     m = table.ascending.numel()
-    fp_steps = bins.flip(0).to(torch.float64)
+    fp_steps = bins.flip(0).to(torch.float64)              # descending thresholds from here on
     tp_steps = torch.zeros(2 * m + 1, dtype=torch.float64, device=bins.device)
-    tp_steps[1::2] = table.counts_desc.to(torch.float64)
+    tp_steps[1::2] = table.counts.flip(0).to(torch.float64)
     zero = fp_steps.new_zeros(1)
     fp = torch.cat([zero, torch.cumsum(fp_steps, 0)])
     tp = torch.cat([zero, torch.cumsum(tp_steps, 0)])
     pro = None
-    if table.weights_desc is not None:
+    if table.weights is not None:
         pro_steps = torch.zeros_like(tp_steps)
-        pro_steps[1::2] = table.weights_desc / n_regions
+        pro_steps[1::2] = table.weights.flip(0) / n_regions
         pro = torch.cat([zero, torch.cumsum(pro_steps, 0)])
     return _Curve(fp, tp, pro, table.ascending.flip(0), n_pos, n_neg)
+
+
+def _new_bins(table: _PositiveTable, device) -> torch.Tensor:
+    return torch.zeros(2 * table.ascending.numel() + 1, dtype=torch.int64, device=device)
 
 
 def _curve_from_arrays(scores: torch.Tensor, positive: torch.Tensor,
@@ -236,14 +292,15 @@ def _curve_from_arrays(scores: torch.Tensor, positive: torch.Tensor,
     scores = scores.reshape(-1)
     positive = positive.reshape(-1)
     if n_pos is None:
-        n_pos = int(positive.sum())
+        n_pos = _count_true(positive)
     n_neg = scores.numel() - n_pos
     _require_both_classes(n_pos, n_neg)
-    table = _positive_table(scores[positive], region_sizes)
-    bins = torch.zeros(2 * table.ascending.numel() + 1, dtype=torch.int64, device=scores.device)
+    table = _positive_table(_select(scores, positive), region_sizes)
+    bins = _new_bins(table, scores.device)
     for start in range(0, scores.numel(), chunk_size):
         stop = start + chunk_size
-        _bin_negatives(table, scores[start:stop], positive[start:stop], bins)
+        negatives = _select(scores[start:stop], ~positive[start:stop])   # a copy we own
+        _count_negatives(table, _sort_in_place(negatives), bins)
     return _make_curve(table, bins, n_pos, n_neg, n_regions)
 
 
@@ -359,7 +416,7 @@ def aupro(heatmaps, masks, fpr_limit: float = 0.3) -> float:
     s = _as_maps(_prepare_scores(heatmaps, "heatmaps"), "heatmaps")
     m = _as_maps(_prepare_binary(masks, "masks", s.device), "masks")
     _check_same_shape(s, m, "heatmaps", "masks")
-    n_pos = int(m.sum())
+    n_pos = _count_true(m)
     if n_pos == 0:
         raise ValueError("masks contain no anomalous pixel: AUPRO needs at least one region")
     if n_pos == m.numel():
@@ -400,8 +457,8 @@ class _Stream:
                             f"accumulator")
         scores = scores.reshape(-1).to(self.dtype)
         positive = positive.reshape(-1)
-        neg = scores[~positive]
-        pos = scores[positive]
+        neg = _select(scores, ~positive)
+        pos = _select(scores, positive)
         if neg.numel():
             self.negatives.append(neg)
         if pos.numel():
@@ -418,10 +475,11 @@ class _Stream:
         sizes = torch.cat(self.region_sizes) if self.with_regions else None
         table = _positive_table(pos, sizes)
         del pos, sizes
-        bins = torch.zeros(2 * table.ascending.numel() + 1, dtype=torch.int64, device=self.device)
+        bins = _new_bins(table, self.device)
         for neg in self.negatives:
             for start in range(0, neg.numel(), chunk_size):
-                _bin_negatives(table, neg[start:start + chunk_size], None, bins)
+                # sorting the stored chunk in place is harmless: order carries no information
+                _count_negatives(table, _sort_in_place(neg[start:start + chunk_size]), bins)
         return _make_curve(table, bins, self.n_pos, self.n_neg,
                            self.n_regions if self.with_regions else None)
 
@@ -438,8 +496,9 @@ class AnomalyMetricAccumulator:
 
     Memory: each pixel score is stored once, in float32 (float16/bfloat16/float32 inputs) or
     float64 (float64/integer inputs, or ``dtype=torch.float64``), on the device it arrived on;
-    positive pixels also keep an int32 region size. ``compute`` needs about 24 bytes per positive
-    pixel plus ``chunk_size`` x 30 bytes of temporaries (see the module docstring). Ground-truth
+    positive pixels also keep an int32 region size. ``compute`` sorts the stored negatives in
+    place (CPU; on CUDA one ``chunk_size`` sorted copy at a time) and needs about 24 bytes per
+    positive pixel for the sorted positives (see the module docstring). Ground-truth
     masks are labelled on the CPU in ``update`` (CUDA masks are copied to the host for that).
     """
 
