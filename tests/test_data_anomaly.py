@@ -133,8 +133,7 @@ def test_mvtec_missing_ground_truth_folders(tmp_path):
 
 def test_mvtec_orphan_masks_and_folders(tmp_path):
     make_mvtec(tmp_path)
-    orphan = write_png(tmp_path / "widget" / "ground_truth" / "crack" / "007_mask.png", rect_mask())
-    del orphan
+    write_png(tmp_path / "widget" / "ground_truth" / "crack" / "007_mask.png", rect_mask())
     with pytest.raises(DatasetError, match="007_mask.png has no matching image"):
         MVTecAD(tmp_path, "widget", "test")
     (tmp_path / "widget" / "ground_truth" / "crack" / "007_mask.png").unlink()
