@@ -19,6 +19,7 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 2.3-2.4)
 
 # ops (SPEC 3)
+from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap
 
 # high-level API (models, detector)
 

@@ -4,3 +4,4 @@ from geokernels.bench_cases import dconvex  # noqa: F401
 # contour flow
 
 # flow mismatching
+from geokernels.bench_cases import flow_mismatch  # noqa: F401,E402
