@@ -145,7 +145,7 @@ def test_identical_across_chunks_and_batch_splits(backend):
         B, C, H, W, K = 2, 1, 4, 5, 3
     x, _ = _inputs(B, C, H, W, K, torch.float32)
     model = MixingModel(C)
-    kw = dict(K=K, T=2, agg="quantile:0.5", seed=11, backend=backend)
+    kw = dict(K=K, T=2, agg="quantile:0.5", seed=11, backend=backend, noise_cache=False)
     full = geokernels.flow_mismatch(model, x, **kw)
     chunks = (1, 3, K, K + 1, 2 * K) if backend == "cpu" else (2,)
     for chunk in chunks:
@@ -155,6 +155,21 @@ def test_identical_across_chunks_and_batch_splits(backend):
              geokernels.flow_mismatch(model, x[1:], image_index_offset=1, **kw)]
     assert torch.equal(torch.cat(parts), full)
     assert torch.equal(geokernels.flow_mismatch(model, x, **kw), full)  # run to run
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_noise_cache_gives_identical_heatmaps(backend):
+    """Drawing each group's noise once (noise_cache=True) or regenerating it inside both kernels
+    at every step (False) reads the same stream: identical heatmaps, for every chunking."""
+    B, C, H, W, K = (2, 2, 5, 7, 3) if backend == "triton" else (3, 3, 9, 11, 4)
+    x, _ = _inputs(B, C, H, W, K, torch.float64 if backend == "cpu" else torch.float32)
+    model = MixingModel(C)
+    for agg in ("min", "median") if backend == "cpu" else ("median",):
+        kw = dict(K=K, T=2, agg=agg, seed=3, backend=backend)
+        regenerated = geokernels.flow_mismatch(model, x, noise_cache=False, **kw)
+        for chunk in (None, K) if backend == "cpu" else (None,):
+            cached = geokernels.flow_mismatch(model, x, noise_cache=True, chunk=chunk, **kw)
+            assert torch.equal(cached, regenerated), (agg, chunk)
 
 
 def test_deterministic_across_threads_and_isa():
@@ -395,6 +410,7 @@ BAD = [
     (dict(noise=torch.full((2, 2, 1, 4, 4), float("nan"))), ValueError, "noise"),
     (dict(cond=torch.rand(3)), ValueError, "cond"),
     (dict(backend="metal"), ValueError, "backend"),
+    (dict(noise_cache="yes"), TypeError, "noise_cache"),
     (dict(model=lambda x_t, t, c: x_t[:, :, :2]), ValueError, "model"),
     (dict(model=lambda x_t, t, c: x_t[:1]), ValueError, "model"),
     (dict(model=lambda x_t, t, c: x_t.numpy()), TypeError, "model"),

@@ -176,7 +176,8 @@ def _values_checked(x: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()
 
 
-def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, offset, progress):
+def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, offset, progress,
+                 noise_cache):
     B, C, H, W = x.shape
     heat = torch.zeros(B, H, W, dtype=_heat_dtype(x.dtype), device=x.device)
     chunk = B * K if chunk is None else chunk
@@ -193,6 +194,10 @@ def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, 
     for b0, b1 in groups:
         xg = x[b0:b1]
         ng = noise[b0:b1] if noise is not None else None
+        if ng is None and noise_cache and chunk >= K:
+            # the group's K noise tensors, drawn once from the same stream and read by the
+            # explicit-noise kernels for all T steps (one model input's worth of memory)
+            ng = kern.noise(xg, seed, offset + b0, K)
         hg = heat[b0:b1]
         for t, w in steps:
             if chunk >= K:  # all K paths of the group's images in one model call: fused reduction
@@ -200,6 +205,7 @@ def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, 
                 v = _call_model(model, x_t, t, _slice_cond(cond_paths, b0 * K, b1 * K))
                 del x_t
                 bad = kern.accumulate_(hg, v, xg, ng, w, seed, offset + b0, K, rank, mean)
+                del v  # before the next step's x_t exists
             else:  # one image's paths over several calls: (1, K, H, W) mismatch buffer
                 delta = torch.empty(1, K, H, W, dtype=x.dtype, device=x.device)
                 for k0 in range(0, K, chunk):
@@ -234,6 +240,7 @@ def flow_mismatch(
     image_index_offset: int = 0,
     backend: str = "auto",
     progress: bool = False,
+    noise_cache: bool | None = None,
 ) -> torch.Tensor:
     """Flow-mismatch anomaly heatmaps (SPEC.md 3).
 
@@ -255,7 +262,7 @@ def flow_mismatch(
         cond: model conditioning: a tensor with one entry per image (leading dim B) is repeated
             for its K paths; anything else (None, a Python value) is passed through unchanged.
         noise: explicit (B, K, C, H, W) noise used instead of the generator (to reproduce other
-            code's numbers).
+            code's numbers); converted to x's dtype.
         chunk: at most this many paths per model call (default all B*K). chunk >= K scores
             chunk // K whole images per call; chunk < K splits one image's paths.
         smooth_sigma: Gaussian smoothing of H as scipy.ndimage.gaussian_filter (reflect border,
@@ -264,6 +271,12 @@ def flow_mismatch(
             same noise, hence the same heatmaps, as scoring it at once.
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (the reference loop).
         progress: show a tqdm bar over (image groups x time steps).
+        noise_cache: False regenerates eps_k inside both kernels at every time step (no noise
+            tensor exists at all); True draws each image group's K noise tensors once, from the
+            same stream, and reuses them for the T steps (one extra model input of memory, 2T
+            times fewer Philox evaluations). None (default) = True on the C++ CPU backend, where
+            the generator is the bottleneck, False on CUDA/Triton, where it is free. The
+            heatmaps are identical either way. Ignored when chunk < K (always regenerated).
 
     Returns:
         (B, H, W) heatmaps; dtype of x (float32 for float16/bfloat16 inputs).
@@ -288,6 +301,8 @@ def flow_mismatch(
     smooth_sigma = check_real(smooth_sigma, "smooth_sigma", min_value=0.0)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    if noise_cache is not None and not isinstance(noise_cache, bool):
+        raise TypeError(f"noise_cache must be a bool or None, got {type(noise_cache).__name__}")
     _expand_cond(cond, x.shape[0], 1)  # one entry per image, whatever the backend
     be = resolve("flow_mismatch", backend, x)
     with torch.no_grad():
@@ -295,8 +310,10 @@ def flow_mismatch(
             heat = _reference_flow_mismatch(_checked_model(model, _values_checked(x)), x, K, T, agg,
                                             r, int(seed), cond, noise, 0.0, offset)
         else:
+            if noise_cache is None:
+                noise_cache = be == "cpu"
             heat = _score_fused(_kernels(be), model, x.contiguous(), K, T, rank, mean, r, seed_i64,
-                                cond, noise, chunk, offset, progress)
+                                cond, noise, chunk, offset, progress, bool(noise_cache))
         return smooth_heatmap(heat, smooth_sigma)
 
 
