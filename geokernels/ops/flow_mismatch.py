@@ -10,7 +10,10 @@
 
 so the noise is never stored (it is a pure function of (seed, image index, k), see
 csrc/include/geokernels/philox.h), the (K, T, C, H, W) stack never exists, and peak memory is
-the model's input and output for one call. There is no autograd: scoring is inference.
+the model's input and output for one call. On the C++ CPU backend, where Philox + Box-Muller
+costs more than the memory passes, ``noise_cache`` (default there) draws a group's K noise
+tensors once from the same stream instead of 2T times: one more model input of memory, same
+heatmaps. There is no autograd: scoring is inference.
 """
 from __future__ import annotations
 
