@@ -58,7 +58,7 @@ def _check_exact(device, backend, kind, shape, dtype, radius, max_iters, tol=1e-
 # (radius, shape): small images for big radii keep the reference loop fast
 CASES = [(1.0, (2, 3, 17, 23)), (1.5, (1, 2, 21, 19)), (3.0, (2, 1, 24, 37)),
          (5.0, (1, 2, 23, 29)), (15.0, (1, 1, 33, 31))]
-TRITON_CASES = [(1.0, (2, 1, 9, 11)), (1.5, (1, 2, 12, 10))]  # the interpreter is slow
+TRITON_CASES = [(1.0, (2, 1, 9, 11)), (1.5, (1, 2, 10, 9))]  # the interpreter is slow
 
 
 @pytest.mark.parametrize("device,backend", [p for p in PARAMS if "triton" not in p.id])
@@ -184,7 +184,7 @@ def test_gradcheck_cpu():
 def test_gradcheck_triton(device, backend):
     u = torch.rand(1, 1, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x: geokernels.midpoint_convexify(x, 1.5, 2, backend="triton"), (u,))
+        lambda x: geokernels.midpoint_convexify(x, 1.5, 2, backend="triton"), (u,), fast_mode=True)
 
 
 @pytest.mark.parametrize("track", [True, False])
