@@ -16,6 +16,7 @@ from geokernels.ops import qc2_loss
 from geokernels.ops import midpoint_convexify
 
 # ops (SPEC 2.1-2.2)
+from geokernels.ops import contour_flow_field, distance_transform
 
 # ops (SPEC 2.3-2.4)
 

@@ -9,6 +9,8 @@ from geokernels.reference.midpoint import midpoint_convexify, midpoint_offsets, 
 
 # SPEC 2.1-2.2
 from geokernels.reference.contour_flow import div_backward, grad_forward
+from geokernels.reference.distance import (contour_flow_field, distance_transform,
+                                           distance_transform_bruteforce)
 
 # SPEC 2.3-2.4
 
