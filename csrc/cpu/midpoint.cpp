@@ -84,9 +84,11 @@ struct Geometry {
   }
 };
 
-// Tiles per parallel task: enough work (~64k pair evaluations) to be worth a thread hand-off.
+// Tiles per parallel task: ~16M pair evaluations (~1-2 ms on one core). A sweep is a barrier, and
+// on a busy machine a thread hand-off per sweep costs more than it saves, so a sweep that small
+// (one 256x256 plane at r = 15) runs on one thread; batches and large images run in parallel.
 int64_t tile_grain(const MidpointPairs& pairs) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / ((pairs.K + 1) * kTileRows * kTileCols));
+  return std::max<int64_t>(1, (int64_t{1} << 24) / ((pairs.K + 1) * kTileRows * kTileCols));
 }
 
 // Tile index t of a plane -> rows and columns.
