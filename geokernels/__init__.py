@@ -13,6 +13,7 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 1.3-1.5)
 
 # ops (SPEC 1.6)
+from geokernels.ops import midpoint_convexify
 
 # ops (SPEC 2.1-2.2)
 from geokernels.ops import contour_flow_field, distance_transform
