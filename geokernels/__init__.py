@@ -21,5 +21,6 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 3)
 
 # high-level API (models, detector)
+from geokernels.models.detector import FlowMismatchDetector  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]
