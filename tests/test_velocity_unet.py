@@ -141,3 +141,12 @@ def test_module_is_scriptable_free_of_python_state():
     names = {n for n, _ in model.named_buffers()}
     assert names == set()
     assert all(isinstance(m, nn.Module) for m in model.modules())
+
+
+def test_channels_last_model_matches_and_returns_nchw():
+    model = _randomize(_small(num_classes=2))
+    x, t, c = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 0])
+    expected = model(x, t, c)
+    nhwc = model.to(memory_format=torch.channels_last)
+    got = nhwc(x, t, c)
+    assert got.is_contiguous() and torch.allclose(got, expected, atol=1e-5)

@@ -165,8 +165,9 @@ def write_overlay_grid(path, images, heats, masks, labels, scores, vmax, n_per_c
     for i in rows_idx:
         tile = Image.fromarray(overlay_tiles(images[i], heats[i],
                                              None if masks is None else masks[i], vmax))
-        ImageDraw.Draw(tile).text((3, 2), f"{'defect' if labels[i] else 'normal'} "
-                                          f"{float(scores[i]):.3g}", fill=(255, 255, 0))
+        if images[i].shape[-1] >= 64:  # the default font is ~11 px tall: skip on tiny tiles
+            ImageDraw.Draw(tile).text((3, 2), f"{'defect' if labels[i] else 'normal'} "
+                                              f"{float(scores[i]):.3g}", fill=(255, 255, 0))
         rows.append(np.asarray(tile))
     if not rows:
         return None
@@ -401,7 +402,38 @@ def cmd_score(args) -> int:
     return 0
 
 
+def config_path(name_or_path: str) -> str:
+    """A JSON config path, or the shipped ``geokernels/assets/train_<name>.json``."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    from importlib import resources
+
+    shipped = str(resources.files("geokernels") / "assets" / f"train_{name_or_path}.json")
+    if os.path.exists(shipped):
+        return shipped
+    raise SystemExit(f"error: --config {name_or_path!r} is neither a file nor a shipped config")
+
+
+def _apply_config(args) -> None:
+    """Fill options from --config; flags whose value differs from the default win."""
+    path = config_path(args.config)
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read --config {path!r}: {exc}") from None
+    defaults = args._defaults
+    unknown = sorted(set(config) - set(defaults) - {"comment"})
+    if unknown:
+        raise SystemExit(f"error: unknown option(s) in {path!r}: {unknown}")
+    for key, value in config.items():
+        if key != "comment" and getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
 def cmd_train(args) -> int:
+    if getattr(args, "config", None):
+        _apply_config(args)
     _set_threads(args)
     from geokernels.anomaly.train import TrainConfig, _Dist, train
     from geokernels.models.detector import FlowMismatchDetector
@@ -461,7 +493,9 @@ def cmd_train(args) -> int:
                                          for k, v in model_kwargs.items()},
                         "train_config": {k: (list(v) if isinstance(v, tuple) else v)
                                          for k, v in vars(config).items()},
-                        "command": " ".join(sys.argv)}
+                        "argv": list(sys.argv),
+                        "options": {k: v for k, v in vars(args).items() if not k.startswith("_")
+                                    and isinstance(v, (str, int, float, bool, list, type(None)))}}
         if dist_ctx.main:
             path = det.save(os.path.join(args.out, "detector.pt"))
             log = {"detector": path, "seconds": seconds, "mode": mode, "world_size": dist_ctx.world,
@@ -516,6 +550,10 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="anomaly_command", required=True)
 
     t = sub.add_parser("train", help="train the velocity U-Net on normal images")
+    t.add_argument("--config", default=None,
+                   help="JSON file of these options (keys as in train_log.json 'options'), or "
+                        "the name of a config shipped in geokernels/assets (e.g. textures); "
+                        "flags given with non-default values override it")
     t.add_argument("--dataset", choices=DATASETS, default="textures")
     t.add_argument("--root", default=None, help="MVTec-AD / VisA folder")
     t.add_argument("--categories", nargs="*", default=None, help="default: all")
@@ -548,7 +586,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--out", required=True, help="output folder (checkpoints, detector.pt, log)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, _defaults={a.dest: a.default for a in t._actions})
 
     s = sub.add_parser("score", help="score image files; print one score per image")
     s.add_argument("images", nargs="+", help="image files (resized to the model's size)")

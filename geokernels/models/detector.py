@@ -168,8 +168,8 @@ class FlowMismatchDetector:
         else:
             raise TypeError(f"model must be a VelocityUNet or a dict of them, got "
                             f"{type(model).__name__}")
-        self.members = {k: m.to(self.device).eval().requires_grad_(False)
-                        for k, m in members.items()}
+        self.members = {k: m.to(self.device, memory_format=torch.channels_last).eval()
+                        .requires_grad_(False) for k, m in members.items()}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self._compiled = {}
 
@@ -229,7 +229,8 @@ class FlowMismatchDetector:
 
     def to(self, device) -> "FlowMismatchDetector":
         self.device = torch.device(device)
-        self.members = {k: m.to(self.device) for k, m in self.members.items()}
+        self.members = {k: m.to(self.device, memory_format=torch.channels_last)
+                        for k, m in self.members.items()}
         self._compiled = {}
         return self
 

@@ -287,6 +287,11 @@ class VelocityUNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
         t, cond = self._check_inputs(x_t, t, cond)
+        # model.to(memory_format=torch.channels_last) runs NHWC convolutions (faster with oneDNN
+        # on CPU and cuDNN tensor cores on GPU); inputs follow the weights, outputs are NCHW
+        channels_last = self.stem.weight.is_contiguous(memory_format=torch.channels_last)
+        if channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         emb = self.time_mlp(timestep_embedding(t, self.base_width).to(x_t.dtype))
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(cond).to(emb.dtype)
@@ -305,4 +310,5 @@ class VelocityUNet(nn.Module):
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
             if i < self.num_levels - 1:
                 h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.head(F.silu(self.head_norm(h)))
+        out = self.head(F.silu(self.head_norm(h)))
+        return out.contiguous() if channels_last else out
