@@ -79,6 +79,11 @@ def test_scores_are_deterministic_and_use_the_score_op(fitted):
     assert torch.equal(s1, anomaly_score_op()(h1, mode="max+topk", topk=0.01))
     h3, _ = det.score(x[2])  # a single (C, H, W) image
     assert h3.shape == (1, SIZE, SIZE)
+    # noise is keyed by the image's index in the call: the batch size does not matter
+    for method in ("mismatch", "reconstruction"):
+        a, sa = det.score(x, method=method, batch_size=5)
+        b, sb = det.score(x, method=method, batch_size=2)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), method
 
 
 def test_detector_matches_mismatch_contract(fitted):

@@ -54,14 +54,14 @@ def _gaussian_smooth(h: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def flow_mismatch(model, x, K=8, T=24, agg="min", r=2.0, seed=0, cond=None, noise=None,
-                  chunk=None, smooth_sigma=0.0, backend="auto"):
+                  chunk=None, smooth_sigma=0.0, image_index_offset=0, backend="auto"):
     """Literal SPEC 3 mismatch heatmap (B, H, W), K paths batched through ``model``."""
     B, C, H, W = x.shape
     if noise is None:
         noise = torch.empty(B, K, C, H, W, dtype=x.dtype)
         for b in range(B):
             for k in range(K):
-                g = torch.Generator().manual_seed(_seed_of(seed, b, k))
+                g = torch.Generator().manual_seed(_seed_of(seed, image_index_offset + b, k))
                 noise[b, k] = torch.randn(C, H, W, generator=g, dtype=x.dtype)
         noise = noise.to(x.device)
     xk = x[:, None].expand(B, K, C, H, W)

@@ -19,13 +19,13 @@ from torch.nn import functional as F
 SOLVERS = ("euler", "heun")
 
 
-def _noise_like(x: torch.Tensor, seed: int, path: int) -> torch.Tensor:
-    """Noise for image b of the batch from (seed, b, path): independent of the batch size used."""
+def _noise_like(x: torch.Tensor, seed: int, path: int, offset: int = 0) -> torch.Tensor:
+    """Noise of image b from (seed, offset + b, path): independent of the batch size used."""
     from geokernels.anomaly.train import _mix_seed
 
     out = torch.empty(x.shape, dtype=torch.float32)
     for b in range(x.shape[0]):
-        g = torch.Generator().manual_seed(_mix_seed(seed, 101, b, path))
+        g = torch.Generator().manual_seed(_mix_seed(seed, 101, offset + b, path))
         out[b] = torch.randn(x.shape[1:], generator=g)
     return out.to(device=x.device, dtype=x.dtype)
 
@@ -33,7 +33,8 @@ def _noise_like(x: torch.Tensor, seed: int, path: int) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_heatmap(velocity, x: torch.Tensor, t0: float = 0.5, steps: int = 8,
                            solver: str = "heun", seed: int = 0, paths: int = 1,
-                           noise: torch.Tensor | None = None) -> torch.Tensor:
+                           noise: torch.Tensor | None = None,
+                           image_index_offset: int = 0) -> torch.Tensor:
     """Per-pixel reconstruction error (B, H, W) of ``x`` (B, C, H, W) through the learned ODE.
 
     Args:
@@ -43,6 +44,7 @@ def reconstruction_heatmap(velocity, x: torch.Tensor, t0: float = 0.5, steps: in
         steps: ODE steps from t0 to 1; solver "euler" or "heun" (2 model calls per step,
             the last Heun step ends exactly at t = 1).
         seed / paths: noise draws (averaged); ``noise`` (paths, B, C, H, W) overrides them.
+        image_index_offset: index of x[0] in the whole set (noise is keyed by it).
     """
     if not 0.0 < float(t0) < 1.0:
         raise ValueError(f"t0 must be in (0, 1), got {t0!r}")
@@ -60,7 +62,7 @@ def reconstruction_heatmap(velocity, x: torch.Tensor, t0: float = 0.5, steps: in
     heat = torch.zeros(B, x.shape[2], x.shape[3], dtype=torch.float32, device=x.device)
     dt = (1.0 - t0) / steps
     for p in range(n_paths):
-        eps = _noise_like(x, seed, p) if noise is None else noise[p].to(x)
+        eps = _noise_like(x, seed, p, image_index_offset) if noise is None else noise[p].to(x)
         z = (1 - t0) * eps + t0 * x
         for i in range(steps):
             t = t0 + i * dt

@@ -106,8 +106,8 @@ class FlowMismatchDetector:
         K, T, agg, r, seed, smooth_sigma: mismatch settings (SPEC 3 defaults K=8, T=24, "min", 2).
         score_mode, topk: image score from the heatmap ("max+topk", top 1 %).
         input_range: how [0, 1] images enter the flow ("[-1,1]" default, as trained).
-        batch_size: images per mismatch call (K paths each). Noise is drawn per (seed, position
-            in the call, path), so scores are deterministic for a fixed seed and batch_size.
+        batch_size: images per mismatch call (K paths each). Noise is drawn per (seed, index of
+            the image in the ``score`` call, path): scores do not depend on batch_size.
         device: where the model runs (default: cuda if available, else cpu).
         precision: "fp32" (default) or "bf16" (autocast of the model calls; CUDA only).
         compile: None (default) or a torch.compile mode for the model calls; "reduce-overhead"
@@ -364,11 +364,12 @@ class FlowMismatchDetector:
                 h = reconstruction_heatmap(vel, x, t0=s["reconstruction_t0"],
                                            steps=s["reconstruction_steps"],
                                            solver=s["reconstruction_solver"], seed=s["seed"],
-                                           paths=s["reconstruction_paths"])
+                                           paths=s["reconstruction_paths"], image_index_offset=i)
             else:
+                # noise keyed by the image's index in this call: independent of batch_size
                 h = flow_mismatch(vel, x, K=s["K"], T=s["T"], agg=s["agg"], r=s["r"],
                                   seed=s["seed"], smooth_sigma=s["smooth_sigma"],
-                                  backend=self.backend)
+                                  image_index_offset=i, backend=self.backend)
                 if method == "calibrated_mismatch":
                     h = self.calibrations[key].transform(h)
             heats.append(h.float().cpu())
