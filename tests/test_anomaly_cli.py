@@ -165,3 +165,18 @@ def test_cli_errors(trained, mvtec_root, tmp_path):
     with pytest.raises((SystemExit, ValueError, FileNotFoundError), match="(?i)empty|no image"):
         main(["anomaly", "train", "--dataset", "mvtec", "--root", str(empty), "--categories",
               "thing", "--steps", "1", "--quiet", "--out", str(tmp_path / "t2")])
+
+
+def test_shipped_training_config_is_valid():
+    import argparse
+
+    from geokernels.anomaly import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["anomaly", "train", "--config", "textures", "--steps", "7",
+                              "--out", "x"])
+    cli._apply_config(args)
+    assert args.dataset == "textures" and args.preset == "tiny" and args.mode == "conditional"
+    assert args.steps == 7  # an explicit flag wins over the config
+    assert os.path.basename(cli.config_path("textures")) == "train_textures.json"

@@ -185,6 +185,16 @@ def test_class_conditional_training():
     assert pooled.model.num_classes == 0 and pooled.class_names is None
 
 
+def test_time_budget_lowers_the_step_count(tmp_path):
+    result = train(_images(8), steps=10_000, time_budget_s=1e-3, checkpoint=tmp_path / "b.pt",
+                   **FAST)
+    assert result.step == 26 and len(result.losses) == 26  # probe steps 5-25, then stop
+    ck = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert ck["train_config"]["steps"] == 26 and ck["step"] == 26
+    with pytest.raises(ValueError, match="time_budget_s"):
+        train(_images(8), steps=2, time_budget_s=0, **FAST)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)

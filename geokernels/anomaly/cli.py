@@ -467,6 +467,9 @@ def cmd_train(args) -> int:
         common = dict(preset=args.preset, model_kwargs=model_kwargs, config=config,
                       resume=args.resume, device=dist_ctx.device, progress=not args.quiet,
                       compile=args.compile_train)
+        if args.time_budget:
+            share = len(categories) if mode == "per-category" else 1
+            common["time_budget_s"] = args.time_budget * 60.0 / share
         t0 = time.perf_counter()
         runs = {}
         if mode == "per-category":
@@ -580,6 +583,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="lower --steps after a short probe so training ends within this many "
+                        "minutes (split evenly over categories in per-category mode)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train*.pt")
     t.add_argument("--device", default=None)
     t.add_argument("--compile-train", action="store_true", help="torch.compile the training step")

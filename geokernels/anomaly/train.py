@@ -341,7 +341,8 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
           model_kwargs: dict | None = None, config: TrainConfig | dict | None = None,
           checkpoint: str | os.PathLike | None = None, resume: bool = False,
           class_conditional: bool | None = None, device=None, progress: bool = True,
-          compile: bool = False, **overrides) -> TrainResult:
+          compile: bool = False, time_budget_s: float | None = None,
+          **overrides) -> TrainResult:
     """Train a velocity U-Net by conditional flow matching on the normal images of ``dataset``.
 
     Args:
@@ -361,6 +362,10 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
         device: default cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu.
         progress: tqdm bar with loss and images/s (rank 0).
         compile: torch.compile the model for training (GPU speed-up; off by default).
+        time_budget_s: wall-clock budget. After a short probe (steps 5-25 of this run) the total
+            number of steps is lowered, if needed, so the run ends within the budget; the cosine
+            schedule follows the new total, which is recorded in the checkpoint (rerun with
+            steps=that number to reproduce the run exactly).
 
     Returns:
         TrainResult with the EMA model in eval mode (on ``device``), the final step and the
@@ -417,15 +422,18 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
                          f"processes ({dist_ctx.world})")
     try:
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0, got {time_budget_s!r}")
         return _train_loop(images, labels, class_names, model, config, checkpoint, resume,
-                           dist_ctx, progress, compile)
+                           dist_ctx, progress, compile, time_budget_s)
     finally:
         dist_ctx.close()
 
 
 def _train_loop(images, labels, class_names, model, config, checkpoint, resume, dist_ctx,
-                progress, compile_model):
+                progress, compile_model, time_budget_s=None):
     device = dist_ctx.device
+    t_launch = time.perf_counter()
     model = model.to(device, memory_format=torch.channels_last)  # NHWC convs: faster CPU & GPU
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -498,8 +506,27 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
 
     devices = [device.index or 0] if device.type == "cuda" else []
     t_start, steps_done, step = time.perf_counter(), 0, start_step
+    probe_start, probe_end = start_step + 5, start_step + 25
+    t_probe = None
     with torch.random.fork_rng(devices=devices):
-        for step in range(start_step, config.steps):
+        step = start_step - 1
+        while step + 1 < config.steps:
+            step += 1
+            if time_budget_s is not None and step in (probe_start, probe_end):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                if step == probe_start:
+                    t_probe = now
+                else:  # fit the remaining steps into the budget (same total on every rank)
+                    per_step = (now - t_probe) / (probe_end - probe_start)
+                    fit = step + (time_budget_s - (now - t_launch)) / per_step
+                    fit = int(dist_ctx.mean(torch.tensor(float(fit), device=device)))
+                    if fit < config.steps:
+                        config.steps = max(step + 1, fit)
+                        if bar is not None:
+                            bar.total = config.steps
+                            bar.refresh()
             # every random draw of this step comes from (seed, step): resume-exact, rank-invariant
             g = torch.Generator(device).manual_seed(_mix_seed(config.seed, _STREAM_STEP, step))
             torch.manual_seed(_mix_seed(config.seed, _STREAM_DROPOUT, step, dist_ctx.rank))
