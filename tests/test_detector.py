@@ -275,3 +275,22 @@ def test_top_level_exports():
     assert detector_mod.FlowMismatchDetector is FlowMismatchDetector
     assert isinstance(FlowMismatchDetector(VelocityUNet(**TINY), device="cpu").members[None],
                       VelocityUNet)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_bf16_and_compiled_scoring(tmp_path):
+    det = FlowMismatchDetector(device="cuda", **SCORE)
+    det.fit(normal_images(64, seed=0), checkpoint=tmp_path / "c.pt", **dict(FIT, steps=20))
+    assert det.last_train_result.config.precision == "auto"  # bf16 autocast on CUDA
+    x = torch.cat([normal_images(4, seed=1), defective_images(4, seed=2)[0]])
+    h32, s32 = det.score(x)
+    assert h32.device.type == "cpu" and torch.isfinite(h32).all()
+    fast = FlowMismatchDetector.load(det.save(tmp_path / "d.pt"), device="cuda",
+                                     precision="bf16", compile="reduce-overhead")
+    h16, s16 = fast.score(x)
+    h16b, _ = fast.score(x)  # replayed CUDA graphs give the same numbers
+    assert torch.equal(h16, h16b)
+    assert torch.corrcoef(torch.stack([h16.flatten(), h32.flatten()]))[0, 1] > 0.95
+    cpu = FlowMismatchDetector.load(tmp_path / "d.pt", device="cpu")
+    assert torch.corrcoef(torch.stack([cpu.score(x)[1], s32]))[0, 1] > 0.9
