@@ -15,6 +15,7 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 1.6)
 
 # ops (SPEC 2.1-2.2)
+from geokernels.ops import contour_flow_field, distance_transform
 
 # ops (SPEC 2.3-2.4)
 

@@ -37,6 +37,10 @@ TORCH_LIBRARY(geokernels, m) {
   // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
 
   // ---- SPEC 2.1-2.2: exact distance transform, contour-flow field ----------------------------
+  // distance of every pixel to the nearest zero pixel (invert: to the nearest nonzero pixel)
+  m.def("distance_transform(Tensor mask, bool invert, bool float64, str no_background) -> Tensor");
+  // (B, C, H, W) mask -> (B, 2C, H, W) unit tangent field; channels 2c, 2c+1 belong to channel c
+  m.def("contour_flow_field(Tensor mask, bool central, bool float64) -> Tensor");
 
   // ---- SPEC 2.3-2.4: contour-flow loss, CFSS iterations -------------------------------------
 

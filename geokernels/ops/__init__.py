@@ -7,6 +7,7 @@ from geokernels.ops.qc_loss import qc2_loss
 # SPEC 1.6 (midpoint_convexify)
 
 # SPEC 2.1-2.2 (distance_transform, contour_flow_field)
+from geokernels.ops.distance import contour_flow_field, distance_transform
 
 # SPEC 2.3-2.4 (contour_flow_loss, cfss_iterate)
 

@@ -8,6 +8,8 @@ from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 
 # SPEC 2.1-2.2
 from geokernels.reference.contour_flow import div_backward, grad_forward
+from geokernels.reference.distance import (contour_flow_field, distance_transform,
+                                           distance_transform_bruteforce)
 
 # SPEC 2.3-2.4
 
