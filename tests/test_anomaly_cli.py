@@ -98,7 +98,8 @@ def test_train_resume_is_a_noop_when_finished(trained, mvtec_root):
 
 def test_eval_writes_table_json_and_overlays(trained, mvtec_root, tmp_path):
     out = tmp_path / "eval"
-    argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"), "--dataset", "mvtec",
+    argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"),
+            "--dataset", "mvtec",
             "--root", str(mvtec_root), "--methods", "mismatch", "reconstruction",
             "calibrated_mismatch", "-K", "2", "-T", "4", "--overlays", "2", "--device", "cpu",
             "--quiet", "--out", str(out)]
@@ -128,8 +129,8 @@ def test_score_prints_and_writes_heatmaps(trained, mvtec_root, tmp_path, capsys)
     bad = mvtec_root / CATEGORY / "test" / "spot" / "000.png"
     out = tmp_path / "scores"
     assert main(["anomaly", "score", str(good), str(bad), "--checkpoint",
-                 str(trained[0] / "detector.pt"), "-K", "2", "-T", "4", "--device", "cpu", "--quiet",
-                 "--out", str(out)]) == 0
+                 str(trained[0] / "detector.pt"), "-K", "2", "-T", "4", "--device", "cpu",
+                 "--quiet", "--out", str(out)]) == 0
     lines = [l.split("\t") for l in capsys.readouterr().out.strip().splitlines()]
     assert [l[1] for l in lines] == [str(good), str(bad)]
     assert all(math.isfinite(float(l[0])) for l in lines)
@@ -153,6 +154,8 @@ def test_cli_errors(trained, mvtec_root, tmp_path):
         main(["anomaly", "train", "--config", str(bad_config), "--out", str(tmp_path / "t")])
     with pytest.raises(SystemExit, match="neither a file"):
         main(["anomaly", "train", "--config", "no-such-config", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="needs --root"):
+        main(["anomaly", "train", "--dataset", "visa", "--out", str(tmp_path / "t")])
     with pytest.raises(SystemExit, match="needs --root"):
         main(["anomaly", "train", "--dataset", "mvtec", "--categories", "x", "--out",
               str(tmp_path / "t")])

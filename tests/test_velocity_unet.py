@@ -78,7 +78,8 @@ def test_gradients_reach_every_parameter():
     model = _randomize(_small(num_classes=2, attention_levels=(1,)))
     x = torch.randn(2, 3, 16, 16)
     model(x, torch.rand(2), torch.tensor([0, 1])).square().mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for n, p in model.named_parameters()
+               if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
 
 

@@ -1,7 +1,7 @@
-"""Where the mismatch op, the metrics and the MVTec loader come from.
+"""Where the mismatch op, the metrics and the datasets come from (one place to change).
 
-The real implementations (``geokernels.ops``, ``geokernels.metrics``, ``geokernels.data``) are used
-whenever they import; ``_fallbacks`` only fills the gap while those branches are not merged.
+``geokernels.ops.flow_mismatch`` / ``anomaly_score`` are used whenever they import; ``_fallbacks``
+only fills the gap until the mismatch branch is merged.
 """
 from __future__ import annotations
 
@@ -23,27 +23,14 @@ def anomaly_score_op():
 
 
 def metric(name: str):
-    """``auroc``, ``average_precision`` or ``aupro`` from geokernels.metrics (or the stand-in)."""
-    try:
-        import geokernels.metrics as m
+    """``auroc``, ``average_precision``, ``f1_max`` or ``aupro`` from geokernels.metrics."""
+    import geokernels.metrics as m
 
-        return getattr(m, name)
-    except (ImportError, AttributeError):
-        from geokernels.anomaly import _fallbacks
-
-        return getattr(_fallbacks, name)
+    return getattr(m, name)
 
 
 def dataset_class(name: str):
-    """``MVTecAD``, ``VisA`` or ``TextureAnomalyDataset`` from geokernels.data (MVTecAD has a
-    stand-in; the others raise a clear ImportError until they exist)."""
-    try:
-        import geokernels.data as d
+    """``MVTecAD``, ``VisA`` or ``TextureAnomalyDataset`` from geokernels.data."""
+    import geokernels.data as d
 
-        return getattr(d, name)
-    except (ImportError, AttributeError):
-        if name == "MVTecAD":
-            from geokernels.anomaly._fallbacks import MVTecAD
-
-            return MVTecAD
-        raise ImportError(f"geokernels.data.{name} is not available in this build") from None
+    return getattr(d, name)

@@ -42,6 +42,8 @@ def _default_categories(dataset: str, root) -> list[str]:
         except ImportError:
             raise SystemExit("error: --dataset textures needs geokernels.data."
                              "TextureAnomalyDataset, which this build lacks") from None
+    if root is None:
+        raise SystemExit(f"error: --dataset {dataset} needs --root (the dataset folder)")
     cls = dataset_class("MVTecAD" if dataset == "mvtec" else "VisA")
     if hasattr(cls, "available_categories"):
         return list(cls.available_categories(root))
@@ -533,7 +535,8 @@ def _common(p, checkpoint=True):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="model precision when scoring (bf16 autocast on CUDA)")
-    p.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the model calls (reduce-overhead = CUDA graphs)")
     p.add_argument("--backend", default="auto", help="flow_mismatch backend")
     p.add_argument("-K", "--K", dest="k", type=int, default=None, help="noise paths (default 8)")
@@ -548,7 +551,8 @@ def _common(p, checkpoint=True):
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("anomaly", help="flow-mismatch anomaly detection: train | score | eval",
+    p = subparsers.add_parser("anomaly",
+                              help="flow-mismatch anomaly detection: train | score | eval",
                               description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="anomaly_command", required=True)
 

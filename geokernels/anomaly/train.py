@@ -1,6 +1,7 @@
 """Conditional flow-matching training of the velocity U-Net on normal images (SPEC.md 3).
 
-    x_t = (1 - t)*eps + t*x,   eps ~ N(0, I),   t ~ U[0, 1],   loss = mean (v_theta(x_t, t[, c]) - (x - eps))^2
+    x_t = (1 - t)*eps + t*x,   eps ~ N(0, I),   t ~ U[0, 1]
+    loss = mean (v_theta(x_t, t[, c]) - (x - eps))^2
 
 Only normal images (label 0) are used. AdamW, linear warm-up then cosine decay, EMA of the weights
 (what the detector scores with), gradient-norm clipping, bf16 autocast on GPU, a tqdm bar with loss
@@ -11,8 +12,8 @@ generators seeded by (seed, step) -- not from a running RNG stream -- so a run r
 checkpoint at step s reproduces the uninterrupted run exactly, and the batch of step s does not
 depend on the number of processes.
 
-Multi-GPU: the same function (and ``geokernels anomaly train``) under ``torchrun --nproc_per_node N``
-initialises torch.distributed (NCCL on GPU, Gloo on CPU) when WORLD_SIZE > 1 and wraps the model in
+Multi-GPU: the same function (and ``geokernels anomaly train``) under
+``torchrun --nproc_per_node N`` initialises torch.distributed (NCCL on GPU, Gloo on CPU) when WORLD_SIZE > 1 and wraps the model in
 DistributedDataParallel; ``batch_size`` is the global batch, split evenly over the ranks; rank 0
 writes checkpoints and shows progress.
 """
@@ -133,7 +134,7 @@ _STREAM_DATA, _STREAM_STEP, _STREAM_DROPOUT, _STREAM_INIT = 1, 2, 3, 4
 
 
 class _EpochSchedule:
-    """Index of the i-th sample of step s: epoch-wise random permutations seeded by (seed, epoch)."""
+    """Sample indices of step s: epoch-wise random permutations seeded by (seed, epoch)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
@@ -234,7 +235,8 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -539,7 +541,8 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
             t, eps = t_all[lo:hi], eps_all[lo:hi]
             x = data[idx[lo:hi].to(data.device)].to(device, non_blocking=True)
             x = _augment(to_model_space(x, config.input_range), config.augment, coins_all[lo:hi])
-            cond = None if label_data is None else label_data[idx[lo:hi].to(label_data.device)].to(device)
+            cond = None if label_data is None else \
+                label_data[idx[lo:hi].to(label_data.device)].to(device)
             x_t = (1 - t)[:, None, None, None] * eps + t[:, None, None, None] * x
             target = x - eps
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -35,8 +35,8 @@ PRETRAINED = {"textures": "flow_mismatch_textures.pt"}
 
 _DEFAULT_SETTINGS = dict(K=8, T=24, agg="min", r=2.0, seed=0, score_mode="max+topk", topk=0.01,
                          smooth_sigma=0.0, input_range="[-1,1]", batch_size=8,
-                         reconstruction_t0=0.5, reconstruction_steps=8, reconstruction_solver="heun",
-                         reconstruction_paths=1)
+                         reconstruction_t0=0.5, reconstruction_steps=8,
+                         reconstruction_solver="heun", reconstruction_paths=1)
 
 
 class _BoundVelocity(nn.Module):

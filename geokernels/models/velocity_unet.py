@@ -162,13 +162,16 @@ class VelocityUNet(nn.Module):
         if any(a < 0 or a >= len(channel_mults) for a in attention_levels):
             raise ValueError(f"attention_levels must be level indices in [0, {len(channel_mults)})"
                              f", got {attention_levels!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 0:
+        if (isinstance(num_classes, bool) or not isinstance(num_classes, Integral)
+                or num_classes < 0):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.config = dict(in_channels=int(in_channels), base_width=int(base_width),
-                           channel_mults=list(channel_mults), blocks_per_level=int(blocks_per_level),
-                           attention_levels=list(attention_levels), mid_attention=bool(mid_attention),
+                           channel_mults=list(channel_mults),
+                           blocks_per_level=int(blocks_per_level),
+                           attention_levels=list(attention_levels),
+                           mid_attention=bool(mid_attention),
                            num_heads=int(num_heads), num_classes=int(num_classes),
                            dropout=float(dropout),
                            image_size=None if image_size is None else int(image_size))
