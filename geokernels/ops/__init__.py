@@ -12,5 +12,7 @@ from geokernels.ops.distance import contour_flow_field, distance_transform
 # SPEC 2.3-2.4 (contour_flow_loss, cfss_iterate)
 
 # SPEC 3 (flow_mismatch, anomaly_score)
+from geokernels.ops.flow_mismatch import (anomaly_score, flow_mismatch, flow_mismatch_noise,
+                                           smooth_heatmap)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -14,5 +14,9 @@ from geokernels.reference.distance import (contour_flow_field, distance_transfor
 # SPEC 2.3-2.4
 
 # SPEC 3
+# (the function flow_mismatch shadows the submodule's attribute name; import the module's other
+# names as `from geokernels.reference.flow_mismatch import ...`)
+from geokernels.reference.flow_mismatch import (anomaly_score, flow_mismatch, flow_mismatch_noise,
+                                                gaussian_smooth, philox4x32_10)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
