@@ -1,24 +1,16 @@
-"""Where the mismatch op, the metrics and the datasets come from (one place to change).
-
-``geokernels.ops.flow_mismatch`` / ``anomaly_score`` are used whenever they import; ``_fallbacks``
-only fills the gap until the mismatch branch is merged.
-"""
+"""Where the mismatch op, the metrics and the datasets come from (one place to change)."""
 from __future__ import annotations
 
 
 def flow_mismatch_op():
-    try:
-        from geokernels.ops import flow_mismatch
-    except ImportError:
-        from geokernels.anomaly._fallbacks import flow_mismatch
+    from geokernels.ops import flow_mismatch
+
     return flow_mismatch
 
 
 def anomaly_score_op():
-    try:
-        from geokernels.ops import anomaly_score
-    except ImportError:
-        from geokernels.anomaly._fallbacks import anomaly_score
+    from geokernels.ops import anomaly_score
+
     return anomaly_score
 
 
