@@ -24,5 +24,6 @@ from geokernels.ops import contour_flow_field, distance_transform
 from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap
 
 # high-level API (models, detector)
+from geokernels.models.detector import FlowMismatchDetector  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]
