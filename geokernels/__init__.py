@@ -11,6 +11,7 @@ from geokernels._checks import get_checks, set_checks
 from geokernels.ops import qc2_loss
 
 # ops (SPEC 1.3-1.5)
+from geokernels.ops import cgpm, fidelity_loss, qc1_loss
 
 # ops (SPEC 1.6)
 

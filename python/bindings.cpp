@@ -33,6 +33,16 @@ TORCH_LIBRARY(geokernels, m) {
       "float grad_threshold, str activation, str reduction) -> Tensor");
 
   // ---- SPEC 1.3-1.5: qc1_loss, fidelity_loss, CGPM fused steps --------------------------------
+  m.def("qc1_loss_forward(Tensor u, int window, str reduction) -> Tensor");
+  m.def("qc1_loss_backward(Tensor grad, Tensor u, int window, str reduction) -> Tensor");
+  // Steps first_step+1 .. first_step+steps of the CGPM Adam loop from the state (o, m, v);
+  // order 2 = qc2_loss (margin..activation used), 1 = qc1_loss (window used).
+  // Returns (o, m, v, history); history has `steps` entries when return_history, else none.
+  m.def(
+      "cgpm_steps(Tensor o, Tensor m, Tensor v, Tensor u0, int first_step, int steps, float lr, "
+      "float beta1, float beta2, float adam_eps, float weight, int order, float margin, "
+      "float beta, float eps, float grad_threshold, str activation, int window, "
+      "bool return_history) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
 

@@ -1,5 +1,6 @@
 """torch.nn modules built on the fused ops."""
 # D-Convexity (QuasiConcavityLoss, CGPM, SegmentationWithCGPM)
+from geokernels.nn.dconvex import CGPM, QuasiConcavityLoss, SegmentationWithCGPM, threshold_mask
 
 # Contour Flow (ContourFlowLoss, CFSSBlock)
 

@@ -3,6 +3,8 @@
 from geokernels.ops.qc_loss import qc2_loss
 
 # SPEC 1.3-1.5 (qc1_loss, fidelity_loss, cgpm)
+from geokernels.ops.qc_loss import fidelity_loss, qc1_loss
+from geokernels.ops.cgpm import cgpm
 
 # SPEC 1.6 (midpoint_convexify)
 

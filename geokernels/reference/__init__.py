@@ -3,6 +3,7 @@
 from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 
 # SPEC 1.3-1.5
+from geokernels.reference.dconvex import cgpm, fidelity_loss, qc1_loss, qc1_loss_terms
 
 # SPEC 1.6
 
