@@ -102,7 +102,7 @@ __global__ void cgpm_c1_step_kernel(CgpmStep<S> a, Qc1Smem L) {
   for (int64_t plane = blockIdx.z; plane < a.planes; plane += gridDim.z) {
     const int64_t off = plane * H * W;
     qc1_stage<S, S>(a.u_cur + off, nullptr, H, W, i0, j0, L, s_ny, s_nx, s_u, nullptr);
-    const Qc1Position<S> q = qc1_tile_position(H, W, i0, j0, L, s_ny, s_nx, s_u, nullptr, a.qc_weight);
+    const Qc1Position<S> q = qc1_tile_position<S>(H, W, i0, j0, L, s_ny, s_nx, s_u, nullptr, a.qc_weight);
     const S g = qc1_tile_adjoint(q, i0, j0);
     if (writes) {
       const S fid = cgpm_adam_pixel(a, off + i * W + j, g);
