@@ -35,6 +35,8 @@ TORCH_LIBRARY(geokernels, m) {
   // ---- SPEC 1.3-1.5: qc1_loss, fidelity_loss, CGPM fused steps --------------------------------
   m.def("qc1_loss_forward(Tensor u, int window, str reduction) -> Tensor");
   m.def("qc1_loss_backward(Tensor grad, Tensor u, int window, str reduction) -> Tensor");
+  // (loss, d loss / d u) in one pass, reduction "mean" or "sum" (CPU; autograd scales the grad)
+  m.def("qc1_loss_value_and_grad(Tensor u, int window, str reduction) -> (Tensor, Tensor)");
   // Steps first_step+1 .. first_step+steps of the CGPM Adam loop from the state (o, m, v);
   // order 2 = qc2_loss (margin..activation used), 1 = qc1_loss (window used).
   // Returns (o, m, v, history); history has `steps` entries when return_history, else none.

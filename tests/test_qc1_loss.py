@@ -115,6 +115,24 @@ def test_opcheck(reduction):
     grad = torch.rand(()) if reduction != "none" else torch.rand_like(u)
     torch.library.opcheck(torch.ops.geokernels.qc1_loss_backward.default,
                           (grad.double(), u.detach(), 5, reduction))
+    if reduction != "none":
+        torch.library.opcheck(torch.ops.geokernels.qc1_loss_value_and_grad.default, (u, 5, reduction),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_pass_value_and_grad_matches_two_pass(reduction):
+    # with requires_grad the CPU backend computes loss and gradient in one pass
+    u = torch.rand(2, 2, 19, 21, dtype=torch.float64)
+    a, b = u.clone().requires_grad_(), u.clone()
+    one_pass = geokernels.qc1_loss(a, window=5, reduction=reduction, backend="cpu")
+    one_pass.backward(torch.tensor(0.7, dtype=torch.float64))
+    two_pass = torch.ops.geokernels.qc1_loss_forward(b, 5, reduction)
+    grad = torch.ops.geokernels.qc1_loss_backward(torch.tensor(0.7, dtype=torch.float64), b, 5, reduction)
+    torch.testing.assert_close(one_pass, two_pass, rtol=1e-14, atol=0)
+    torch.testing.assert_close(a.grad, grad, rtol=1e-13, atol=1e-18)
+    with pytest.raises(ValueError, match="reduction"):
+        torch.ops.geokernels.qc1_loss_value_and_grad(b, 5, "none")
 
 
 @pytest.mark.triton

@@ -67,8 +67,9 @@ double cgpm_step_block(const CgpmStepArgs<S>& a, int64_t plane, int64_t r0, int6
     qc2_backward_block<S>(u, nullptr, a.qc_weight, H, W, r0, r1, a.qc2, gq);
     if (a.with_loss) loss += a.loss_qc_scale * qc2_forward_block<S>(u, H, W, r0, r1, a.qc2, nullptr);
   } else {
-    qc1_backward_block<S>(u, nullptr, a.qc_weight, H, W, r0, r1, a.window, gq);
-    if (a.with_loss) loss += a.loss_qc_scale * qc1_forward_block<S>(u, H, W, r0, r1, a.window, nullptr);
+    // the loss value comes free with the gradient pass
+    const double value = qc1_backward_block<S>(u, nullptr, a.qc_weight, H, W, r0, r1, a.window, gq);
+    if (a.with_loss) loss += a.loss_qc_scale * value;
   }
   const V zero(S(0)), one(S(1));
   const V fid_w(a.fid_weight), b1(a.beta1), c1(a.one_minus_beta1), b2(a.beta2),

@@ -13,8 +13,6 @@
 #include <cstring>
 #include <vector>
 
-#include <type_traits>
-
 // vec_shim.h first: the templated math must see the Vectorized overloads at definition time.
 #include "vec_shim.h"
 
@@ -22,14 +20,22 @@ namespace geokernels {
 
 // gk_mul_rn (see qc1_math.h) for at::vec::Vectorized: an empty asm that takes the product as
 // an in/out register operand hides it from the optimiser, so it cannot be fused into an FMA.
+#if defined(CPU_CAPABILITY_AVX2)
+inline __m256 gk_opaque(__m256 r) {
+  asm("" : "+x"(r));
+  return r;
+}
+inline __m256d gk_opaque(__m256d r) {
+  asm("" : "+x"(r));
+  return r;
+}
+#endif
+
 template <class S>
 inline Vec<S> gk_mul_rn(const Vec<S>& a, const Vec<S>& b) {
   Vec<S> p = a * b;
 #if defined(CPU_CAPABILITY_AVX2)
-  using Raw = std::conditional_t<std::is_same<S, float>::value, __m256, __m256d>;
-  Raw r = p;
-  asm("" : "+x"(r));
-  return Vec<S>(r);
+  return Vec<S>(gk_opaque(p));  // Vectorized<float|double> converts to __m256|__m256d
 #else
   asm volatile("" : "+m"(p));  // generic: through memory (baseline x86-64 has no FMA anyway)
   return p;
@@ -53,9 +59,10 @@ struct Qc1Fns {
   // Sum of the loss map over rows [r0, r1); writes the map rows if `map` is non-null.
   double (*forward_block)(const S* u, int64_t H, int64_t W, int64_t r0, int64_t r1, int window,
                           S* map);
-  // grad u rows [r0, r1) of sum_q W(q) l(q), W = grad_map[q] or the scalar w_scalar.
-  void (*backward_block)(const S* u, const S* grad_map, S w_scalar, int64_t H, int64_t W,
-                         int64_t r0, int64_t r1, int window, S* grad_u);
+  // grad u rows [r0, r1) of sum_q W(q) l(q), W = grad_map[q] or the scalar w_scalar; returns
+  // sum of l(q) over the rows (free in this pass: the loss and its gradient in one go).
+  double (*backward_block)(const S* u, const S* grad_map, S w_scalar, int64_t H, int64_t W,
+                           int64_t r0, int64_t r1, int window, S* grad_u);
 };
 template <class S>
 Qc1Fns<S> qc1_fns_avx2();  // defined in qc1_loss_avx2.cpp when GK_AVX2_COMPILED
@@ -147,8 +154,9 @@ double qc1_forward_block(const S* u, int64_t H, int64_t W, int64_t r0, int64_t r
 
 // Backward over one block: grad = T + Dx^T AX + Dy^T AY (qc1_math.h). AX and AY of row i+1 are
 // needed for row i, so the main loop runs one extra row when the block is not the last.
+// Returns the sum of the loss map over rows [r0, r1) (every sigmoid is evaluated here anyway).
 template <class S>
-void qc1_backward_block(const S* u, const S* grad_map, S w_scalar, int64_t H, int64_t W,
+double qc1_backward_block(const S* u, const S* grad_map, S w_scalar, int64_t H, int64_t W,
                         int64_t r0, int64_t r1, int window, S* grad_u) {
   using V = Vec<S>;
   constexpr int64_t VS = V::size();
@@ -199,8 +207,10 @@ void qc1_backward_block(const S* u, const S* grad_map, S w_scalar, int64_t H, in
     ax[0] = ax0;
   };
 
+  double value_total = 0.0;
   for (int64_t i = r0; i < re; ++i) {
     const int64_t s = i - r0 + R;
+    V value_row(S(0));
     const S* uc_row = U + s * pitch + R;
     const S* uxc_row = UX + s * pitch + R;
     const S* uyc_row = UY + s * pitch + R;
@@ -220,6 +230,12 @@ void qc1_backward_block(const S* u, const S* grad_map, S w_scalar, int64_t H, in
       acc.t.store(t_cur + j, n);
       (V(S(0)) - wc * acc.sx).store(ax_cur + j, n);
       (V(S(0)) - wc * acc.sy).store(ay_cur + j, n);
+      value_row = value_row + (n == VS ? acc.value : V::set(V(S(0)), acc.value, n));
+    }
+    if (i < r1) {  // not the extra row
+      S lanes[VS];
+      value_row.store(lanes);
+      for (int64_t k = 0; k < VS; ++k) value_total += static_cast<double>(lanes[k]);
     }
     if (i > r0) finish_row(i - 1, t_prev, ax_prev, ay_prev, ay_cur);
     std::swap(t_cur, t_prev);
@@ -230,6 +246,7 @@ void qc1_backward_block(const S* u, const S* grad_map, S w_scalar, int64_t H, in
     std::fill(ay_cur, ay_cur + W + 1, S(0));
     finish_row(r1 - 1, t_prev, ax_prev, ay_prev, ay_cur);
   }
+  return value_total;
 }
 
 }  // namespace GK_CPU_ISA

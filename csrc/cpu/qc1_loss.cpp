@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "geokernels/dconvex_args.h"
@@ -105,11 +106,49 @@ at::Tensor qc1_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& u_in,
   return grad_u;
 }
 
+// The reduced loss and its gradient for an upstream gradient of 1, in ONE pass (the backward
+// pass evaluates every sigmoid the forward needs): autograd then only scales the gradient.
+std::tuple<at::Tensor, at::Tensor> qc1_loss_value_and_grad_cpu(const at::Tensor& u_in, int64_t window,
+                                                               c10::string_view reduction) {
+  check_cpu_input(u_in);
+  check_qc1_window(window);
+  const Reduction red = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(red != Reduction::None, "qc1_loss_value_and_grad needs reduction 'mean' or 'sum'");
+  const at::Tensor u = u_in.contiguous();
+  const int64_t H = u.size(2), W = u.size(3), planes = u.size(0) * u.size(1);
+  const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t grain = grain_blocks(W);
+  const double terms = static_cast<double>(u.numel()) * static_cast<double>(window * window);
+  std::vector<double> sums(static_cast<size_t>(planes * row_blocks), 0.0);
+  at::Tensor grad_u = at::empty_like(u);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "qc1_loss_value_and_grad_cpu", [&] {
+    const auto fns = qc1_fns<scalar_t>();
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    // same scalar as qc1_loss_backward with grad = 1
+    const scalar_t w = red == Reduction::Mean
+        ? scalar_t(1) / static_cast<scalar_t>(u.numel() * window * window) : scalar_t(1);
+    scalar_t* gp = grad_u.data_ptr<scalar_t>();
+    at::parallel_for(0, planes * row_blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t plane = b / row_blocks, r0 = (b % row_blocks) * kRowsPerBlock;
+        const int64_t r1 = std::min(r0 + kRowsPerBlock, H);
+        const int64_t off = plane * H * W;
+        sums[b] = fns.backward_block(up + off, nullptr, w, H, W, r0, r1, static_cast<int>(window), gp + off);
+      }
+    });
+  });
+  double total = 0.0;  // fixed order: deterministic for any thread count
+  for (double s : sums) total += s;
+  if (red == Reduction::Mean) total /= terms;
+  return {at::scalar_tensor(total, u.options()), grad_u};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(geokernels, CPU, m) {
   m.impl("qc1_loss_forward", &qc1_loss_forward_cpu);
   m.impl("qc1_loss_backward", &qc1_loss_backward_cpu);
+  m.impl("qc1_loss_value_and_grad", &qc1_loss_value_and_grad_cpu);
 }
 
 }  // namespace cpu

@@ -283,9 +283,10 @@ def _qc1_alignment(ux, uy, nx, ny, EXACT_MUL: tl.constexpr):
     compiler would; that moves pixels across relu's kink where the products cancel exactly,
     see csrc/include/geokernels/qc1_math.h). The interpreter (numpy) never fuses."""
     if EXACT_MUL:
-        return libdevice.mul_rn(uy, ny) + libdevice.mul_rn(ux, nx)
+        a = libdevice.mul_rn(uy, ny) + libdevice.mul_rn(ux, nx)
     else:
-        return uy * ny + ux * nx
+        a = uy * ny + ux * nx
+    return a
 
 
 @triton.jit
@@ -330,8 +331,10 @@ def _qc1_bwd_gather_kernel(u_ptr, w_ptr, off_ptr, dir_ptr, t_ptr, ax_ptr, ay_ptr
     uc, ux, uy = _qc1_diffs(base, i, j, H, W, valid, CDT)
     if W_MAP:
         wb = w_ptr + off
+        w_scalar = 0.0
         wc = tl.load(wb + i * W + j, mask=valid, other=0.0).to(CDT)
     else:
+        wb = w_ptr
         w_scalar = tl.load(w_ptr).to(CDT)
         wc = tl.where(valid, w_scalar, 0.0)
     t = tl.zeros([BH, BW], dtype=CDT)
