@@ -17,6 +17,7 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 2.1-2.2)
 
 # ops (SPEC 2.3-2.4)
+from geokernels.ops import cfss_iterate, contour_flow_loss
 
 # ops (SPEC 3)
 

@@ -2,5 +2,6 @@
 from geokernels.bench_cases import dconvex  # noqa: F401
 
 # contour flow
+from geokernels.bench_cases import contour_flow  # noqa: F401
 
 # flow mismatching

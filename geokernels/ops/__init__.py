@@ -9,6 +9,8 @@ from geokernels.ops.qc_loss import qc2_loss
 # SPEC 2.1-2.2 (distance_transform, contour_flow_field)
 
 # SPEC 2.3-2.4 (contour_flow_loss, cfss_iterate)
+from geokernels.ops.cfss import cfss_iterate
+from geokernels.ops.contour_flow import contour_flow_loss
 
 # SPEC 3 (flow_mismatch, anomaly_score)
 

@@ -10,6 +10,8 @@ from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 from geokernels.reference.contour_flow import div_backward, grad_forward
 
 # SPEC 2.3-2.4
+from geokernels.reference.contour_flow import (cfss_iterate, contour_flow_loss,
+                                             contour_flow_loss_map, gaussian_kernel)
 
 # SPEC 3
 
