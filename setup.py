@@ -58,42 +58,47 @@ def find_cuda_home() -> str | None:
     return None
 
 
-want_cuda = not _truthy("GEOKERNELS_NO_CUDA")
-cuda_home = find_cuda_home() if want_cuda else None
-if cuda_home:
-    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+def main() -> None:
+    want_cuda = not _truthy("GEOKERNELS_NO_CUDA")
+    cuda_home = find_cuda_home() if want_cuda else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-with_cuda = bool(want_cuda and cuda_home and torch.version.cuda)
-if _truthy("GEOKERNELS_FORCE_CUDA") and not with_cuda:
-    sys.exit(
-        "GEOKERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
-        f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root={cuda_home!r}. "
-        "Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME).")
+    with_cuda = bool(want_cuda and cuda_home and torch.version.cuda)
+    if _truthy("GEOKERNELS_FORCE_CUDA") and not with_cuda:
+        sys.exit(
+            "GEOKERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root={cuda_home!r}. "
+            "Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME).")
 
-sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
-define_macros = [("GEOKERNELS_TORCH_VERSION", '"%s"' % torch.__version__)]
-cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
-nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
+    define_macros = [("GEOKERNELS_TORCH_VERSION", '"%s"' % torch.__version__)]
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
 
-if with_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    define_macros += [("GEOKERNELS_WITH_CUDA", None),
-                      ("GEOKERNELS_CUDA_VERSION_STRING", '"%s"' % torch.version.cuda)]
-    ext = CUDAExtension(
-        "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
-else:
-    ext = CppExtension(
-        "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros += [("GEOKERNELS_WITH_CUDA", None),
+                          ("GEOKERNELS_CUDA_VERSION_STRING", '"%s"' % torch.version.cuda)]
+        ext = CUDAExtension(
+            "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension(
+            "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
 
-print(f"geokernels: building with CUDA={'yes (' + cuda_home + ')' if with_cuda else 'no'}, "
-      f"torch {torch.__version__}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}",
-      file=sys.stderr)
+    print(f"geokernels: building with CUDA={'yes (' + cuda_home + ')' if with_cuda else 'no'}, "
+          f"torch {torch.__version__}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}",
+          file=sys.stderr)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+
+
+if __name__ == "__main__":  # also true under the PEP 517/660 setuptools backends
+    main()

@@ -42,15 +42,16 @@ def triton_usable(device_type: str) -> bool:
 
 
 def available_backends(op: str, device_type: str) -> list[str]:
-    """Backends that can run ``op`` on tensors of ``device_type`` in this process."""
+    """Backends that can run ``op`` on tensors of ``device_type`` in this process, in the order
+    ``backend="auto"`` prefers them."""
     out = []
     impl = _OPS.get(op, ())
     if device_type == "cuda" and "cuda" in impl and _extension.cuda_compiled():
         out.append("cuda")
-    if "triton" in impl and triton_usable(device_type):
-        out.append("triton")
     if device_type == "cpu" and "cpu" in impl and _extension.compiled():
         out.append("cpu")
+    if "triton" in impl and triton_usable(device_type):
+        out.append("triton")
     out.append("torch")
     return out
 

@@ -42,6 +42,7 @@ class Result:
     gbps: float | None = None
     peak_mb: float | None = None
     note: str = ""
+    fraction_of_copy: float | None = None  # gbps / measured device copy bandwidth
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -128,6 +129,24 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float | 
     return peak / 2**20
 
 
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), the ceiling
+    a memory-bound kernel can approach."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_step(lambda: dst.copy_(src), device, min_time=0.5)
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def fused_impls(op: str, device: torch.device) -> list[str]:
+    """Fused backends worth timing on ``device`` (Triton's CPU interpreter is a test aid, not a
+    performance path, so it is left out on CPU)."""
+    return [b for b in _backend.available_backends(op, device.type)
+            if b != "torch" and not (b == "triton" and device.type == "cpu")]
+
+
 def _load_cases():
     # importing the op families registers their cases
     import geokernels.bench_cases  # noqa: F401
@@ -145,12 +164,13 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
     except ImportError:  # pragma: no cover
         tqdm = None
     results: list[Result] = []
+    copy_bw = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     it = tqdm(cases, desc="bench", disable=not progress) if tqdm else cases
     for case in it:
         impls = ["reference"]
         if compile_reference and case.compile_reference:
             impls.append("compiled")
-        impls += [b for b in _backend.available_backends(case.op, device.type) if b != "torch"]
+        impls += fused_impls(case.op, device)
         rows = {}
         for impl in impls:
             try:
@@ -168,17 +188,21 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
             if not math.isnan(r.ms):
                 r.speedup_vs_reference = ref / r.ms if not math.isnan(ref) else None
                 r.speedup_vs_compiled = comp / r.ms if not math.isnan(comp) else None
+                if copy_bw and r.gbps:
+                    r.fraction_of_copy = r.gbps / copy_bw
             results.append(r)
     return results
 
 
 def format_table(results: list[Result]) -> str:
-    head = ["op", "case", "impl", "ms", "x ref", "x compiled", "GB/s", "peak MB", "note"]
+    head = ["op", "case", "impl", "ms", "x ref", "x compiled", "GB/s", "% copy BW", "peak MB", "note"]
     rows = []
     for r in results:
         f = lambda v, fmt: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)  # noqa: E731
         rows.append([r.op, r.label, r.impl, f(r.ms, ".3f"), f(r.speedup_vs_reference, ".2f"),
-                     f(r.speedup_vs_compiled, ".2f"), f(r.gbps, ".1f"), f(r.peak_mb, ".1f"), r.note])
+                     f(r.speedup_vs_compiled, ".2f"), f(r.gbps, ".1f"),
+                     f(None if r.fraction_of_copy is None else 100 * r.fraction_of_copy, ".0f"),
+                     f(r.peak_mb, ".1f"), r.note])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

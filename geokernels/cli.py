@@ -85,7 +85,8 @@ def _bench(args) -> int:
     results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
                             compile_reference=not args.no_compile, memory=not args.no_memory)
     print(f"\ngeokernels bench on {device} (median step time; x ref / x compiled = speed-up of "
-          f"this row over the reference eager / torch.compile(reference))")
+          f"this row over the reference eager / torch.compile(reference); % copy BW = GB/s over "
+          f"the measured device copy bandwidth, CUDA only)")
     print(benchmark.format_table(results))
     if args.json:
         with open(args.json, "w") as fh:

@@ -2,5 +2,10 @@
 # segmentation: synthetic shapes, real-photo masks, user folders
 
 # anomaly detection: MVTec-AD, VisA, offline textures
+from geokernels.data._io import DatasetError  # noqa: E402
+from geokernels.data.mvtec import MVTEC_CATEGORIES, MVTecAD  # noqa: E402
+from geokernels.data.textures import (TEXTURE_CATEGORIES, TEXTURE_DEFECT_TYPES,  # noqa: E402
+                                      TextureAnomalyDataset, texture_categories)
+from geokernels.data.visa import VISA_CATEGORIES, VisA  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -2,5 +2,7 @@
 # segmentation: dice, iou, hd95, boundary_distance, solidity
 
 # anomaly detection: auroc, average_precision, f1_max, aupro
+from geokernels.metrics.anomaly import (AnomalyMetricAccumulator, aupro, auroc,  # noqa: E402
+                                        average_precision, f1_max)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One-shot check on a GPU machine: build geokernels from source with that machine's torch, run
+# the CUDA and Triton tests, time every op (CUDA events) against the reference eager and
+# torch.compile(reference), and report each op's GB/s as a fraction of the measured device copy
+# bandwidth. Logs and tables go to $OUT (default ./gpu_out). Designed to finish in < 8 minutes;
+# each stage has its own time limit so one slow stage cannot hide the others' results.
+#
+#   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
+# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
+# MAX_JOBS (default 16), GK_BUILD_S / GK_TEST_S / GK_BENCH_S stage limits in seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")
+fi
+export TORCH_CUDA_ARCH_LIST
+summary="$OUT/summary.md"
+t_start=$(date +%s)
+stage() { echo "[$(( $(date +%s) - t_start ))s] $*" | tee -a "$summary"; }
+
+{
+  echo "# geokernels GPU check"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')"
+  echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+  echo "- python/torch/triton: $($PY -c 'import sys,torch;import importlib.util as u;t=__import__("triton").__version__ if u.find_spec("triton") else None;print(sys.version.split()[0], torch.__version__, t)')"
+  echo "- TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  echo
+} > "$summary"
+
+stage "build (pip install --no-build-isolation --no-deps -e .)"
+GEOKERNELS_FORCE_CUDA=1 timeout "${GK_BUILD_S:-240}" $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  stage "pip install failed (rc=$rc); trying setup.py build_ext --inplace"
+  GEOKERNELS_FORCE_CUDA=1 timeout "${GK_BUILD_S:-240}" $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { stage "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+fi
+$PY -m geokernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+
+stage "tests: CUDA and Triton (-m 'cuda or triton')"
+timeout "${GK_TEST_S:-240}" $PY -m pytest tests -m "cuda or triton" -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1
+stage "tests rc=$? :: $(tail -1 "$OUT/tests.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$summary"
+
+stage "benchmarks on cuda (reference eager, torch.compile(reference), fused backends)"
+timeout "${GK_BENCH_S:-240}" $PY -m geokernels bench --device cuda --json "$OUT/bench_cuda.json" > "$OUT/bench.txt" 2>&1
+stage "bench rc=$?"
+{ echo; echo '```'; grep -E "^\|" "$OUT/bench.txt"; echo '```'; } >> "$summary"
+stage "done"
+cat "$summary"

@@ -1,0 +1,158 @@
+"""Image and mask loading shared by the anomaly-detection datasets (MVTec AD, VisA).
+
+Every failure names the file: a missing folder is a ``FileNotFoundError``, a malformed tree or an
+unreadable / inconsistent file is a :class:`DatasetError` (a ``ValueError``). Nothing is skipped
+silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset tree or file is malformed; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class AnomalySample:
+    """One entry of an anomaly-detection split (decoded lazily by the dataset)."""
+    image_path: Path
+    mask_path: Path | None     # None for anomaly-free images (their mask is all zeros)
+    label: int                 # 0 = normal, 1 = anomalous
+    defect: str                # "good" for normal images, else the defect type
+
+
+def check_size(size) -> int | None:
+    """``size`` is the side of the square output, or None to keep the native resolution."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
+    return int(size)
+
+
+def check_split(split, choices=("train", "test")) -> str:
+    if split not in choices:
+        raise ValueError(f"split must be one of {choices}, got {split!r}")
+    return split
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        if path.exists():
+            raise DatasetError(f"{what} {path} is not a folder")
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def list_images(directory: Path, what: str) -> list[Path]:
+    """The image files of ``directory``, sorted by name. Hidden files (".DS_Store", ...) are
+    ignored; any other non-image entry is an error, and so is an empty folder."""
+    require_dir(directory, what)
+    images = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(entry)
+        else:
+            raise DatasetError(f"unexpected entry {entry} in {what} {directory} "
+                               f"(expected image files {IMAGE_EXTENSIONS})")
+    if not images:
+        raise DatasetError(f"{what} {directory} contains no images")
+    return images
+
+
+def list_subdirs(directory: Path, what: str) -> list[Path]:
+    """Sub-folders of ``directory``, sorted; hidden entries ignored, stray files are errors."""
+    require_dir(directory, what)
+    subdirs = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise DatasetError(f"unexpected file {entry} in {what} {directory} (expected folders)")
+        subdirs.append(entry)
+    return subdirs
+
+
+def _open(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from None
+
+
+def _to_float_array(img, path: Path) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1] from 8-bit, 16-bit or palette images."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return (np.asarray(img, dtype=np.float32) / 65535.0)[..., None]
+    if img.mode in ("I", "F"):
+        raise DatasetError(f"image {path} has mode {img.mode!r} (32-bit); expected 8- or 16-bit")
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")             # palette, RGBA (alpha dropped), CMYK, 1-bit, LA
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _resize(t: torch.Tensor, size: int | None, mode: str) -> torch.Tensor:
+    if size is None or tuple(t.shape[-2:]) == (size, size):
+        return t
+    if mode == "nearest-exact":
+        return F.interpolate(t[None], size=(size, size), mode=mode)[0]
+    # antialiased bilinear (like PIL's BILINEAR when downscaling): weights are non-negative,
+    # so the output stays in [0, 1]; the clamp only removes float rounding
+    out = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)[0]
+    return out.clamp_(0.0, 1.0)
+
+
+def load_image(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(3, size, size) float32 in [0, 1] (grayscale replicated to RGB) and the native (H, W)."""
+    img = _open(path)
+    arr = _to_float_array(img, path)
+    native = arr.shape[:2]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return _resize(t, size, "bilinear"), native
+
+
+def load_mask(path: Path, size: int | None, native: tuple[int, int],
+              image_path: Path) -> torch.Tensor:
+    """(1, size, size) float32 0/1: any non-zero pixel (in any channel) is anomalous; resized
+    with nearest-neighbour so it stays binary. Its native size must equal the image's."""
+    img = _open(path)
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr.any(axis=2)
+    if arr.shape != tuple(native):
+        raise DatasetError(f"mask {path} has size {arr.shape[1]}x{arr.shape[0]} (WxH) but its "
+                           f"image {image_path} has size {native[1]}x{native[0]}")
+    t = torch.from_numpy(np.ascontiguousarray(arr != 0, dtype=np.float32))[None]
+    return _resize(t, size, "nearest-exact")
+
+
+def load_sample(sample: AnomalySample, size: int | None) -> dict:
+    """The dict every anomaly dataset returns: image (3, S, S), mask (1, S, S), label, path,
+    defect."""
+    image, native = load_image(sample.image_path, size)
+    if sample.mask_path is None:
+        mask = torch.zeros((1,) + tuple(image.shape[-2:]), dtype=torch.float32)
+    else:
+        mask = load_mask(sample.mask_path, size, native, sample.image_path)
+    return {"image": image, "mask": mask, "label": sample.label,
+            "path": str(sample.image_path), "defect": sample.defect}

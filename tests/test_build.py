@@ -1,0 +1,139 @@
+"""Build and packaging behaviour: CUDA toolkit discovery, the import-time torch check, the
+reference fallback when the extension is missing, and the `geokernels info` command."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import geokernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_module():
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="geokernels_setup")  # main() not run
+
+
+def _fake_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_find_cuda_home_follows_wrapper_script(tmp_path, monkeypatch):
+    mod = _setup_module()
+    toolkit = _fake_toolkit(tmp_path / "cuda-13.7")
+    wrapper_dir = tmp_path / "wrappers"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert mod["find_cuda_home"]() == str(toolkit)
+
+
+def test_find_cuda_home_prefers_valid_env(tmp_path, monkeypatch):
+    mod = _setup_module()
+    toolkit = _fake_toolkit(tmp_path / "tk")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert mod["find_cuda_home"]() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))  # invalid: ignored, not trusted
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert mod["find_cuda_home"]() != str(tmp_path / "missing")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=300)
+
+
+def test_missing_extension_falls_back_to_reference_with_one_warning():
+    code = """
+import sys, warnings
+sys.modules['geokernels._C'] = None          # as if the extension had never been built
+import torch, geokernels
+from geokernels import reference
+u = torch.rand(1, 1, 8, 9, dtype=torch.float64)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    a = geokernels.qc2_loss(u)
+    b = geokernels.qc2_loss(u)
+msgs = [str(x.message) for x in w if 'reference backend' in str(x.message)]
+assert len(msgs) == 1, msgs
+assert 'not built' in msgs[0] and 'pip install' in msgs[0]
+assert torch.equal(a, reference.qc2_loss(u)) and torch.equal(a, b)
+print('ok')
+"""
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_torch_version_mismatch_is_a_clear_import_error():
+    code = """
+import sys, types
+fake = types.ModuleType('geokernels._C')
+fake.TORCH_VERSION = '1.0.0'
+sys.modules['geokernels._C'] = fake
+try:
+    import geokernels
+except ImportError as e:
+    print('ERR:', e)
+"""
+    r = _run(code)
+    assert "ERR:" in r.stdout, (r.stdout, r.stderr)
+    msg = r.stdout
+    assert "built against torch 1.0.0" in msg and torch.__version__ in msg
+    assert "--no-build-isolation" in msg
+
+
+def test_extension_matches_running_torch():
+    ext = geokernels._extension.extension()
+    assert ext is not None, "geokernels._C is not built"
+    assert ext.TORCH_VERSION.split("+")[0] == torch.__version__.split("+")[0]
+    assert torch.ops.geokernels.cuda_compiled() == ext.cuda_compiled()
+
+
+def test_info_command_json():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "geokernels", "info", "--json"], capture_output=True,
+                       text=True, env=env, cwd=str(ROOT), timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["geokernels"] == geokernels.__version__
+    assert info["extension_built"] is True
+    assert "qc2_loss" in info["ops"]
+    assert info["ops"]["qc2_loss"]["cpu"][0] == "cpu"  # what auto picks on CPU tensors
+
+
+def test_backend_env_var(monkeypatch):
+    u = torch.rand(1, 1, 6, 6, dtype=torch.float64)
+    monkeypatch.setenv("GEOKERNELS_BACKEND", "torch")
+    assert geokernels._backend.resolve("qc2_loss", "auto", u) == "torch"
+    monkeypatch.setenv("GEOKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        geokernels.qc2_loss(u)
+
+
+def test_set_checks_switch():
+    bad = torch.full((1, 1, 3, 3), float("nan"))
+    try:
+        geokernels.set_checks("never")
+        geokernels.qc2_loss(bad)  # no scan: the caller opted out
+        with pytest.raises(ValueError, match="mode"):
+            geokernels.set_checks("sometimes")
+    finally:
+        geokernels.set_checks("cpu")
+    with pytest.raises(ValueError, match="u contains NaN"):
+        geokernels.qc2_loss(bad)
