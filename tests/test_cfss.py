@@ -64,7 +64,9 @@ def _compare(o, T, backend, iters, **opts):
     z, leaves = _run(o, T, backend, iters=iters, **opts)
     assert z.dtype == o.dtype and z.shape == o.shape
     cot = torch.randn(z_ref.shape, dtype=torch.float64)
-    g_ref = torch.autograd.grad(z_ref, leaves_ref, cot)
+    # iters = 0 leaves T out of the reference's graph: its gradient is zero
+    g_ref = torch.autograd.grad(z_ref, leaves_ref, cot, allow_unused=True)
+    g_ref = [torch.zeros_like(x) if g is None else g for g, x in zip(g_ref, leaves_ref)]
     g = torch.autograd.grad(z, leaves, cot.to(z.dtype).to(z.device))
     return z, z_ref, g, g_ref
 
@@ -75,10 +77,11 @@ NAMES = ("o", "T") + SCALARS
 @pytest.mark.parametrize("device,backend", backend_device_params("cfss_iterate"))
 @pytest.mark.parametrize("opts", OPTIONS, ids=_opt_id)
 def test_matches_reference_f64(device, backend, opts):
-    tiny = backend == "triton" and device == "cpu"
-    cases = [((1, 1, 1, 1), 2), ((1, 1, 5, 7), 3), ((2, 2, 9, 12), 4)]
-    if not tiny:
-        cases += [((2, 1, 17, 23), 10), ((1, 1, 33, 5), 7)]
+    tiny = backend == "triton" and device == "cpu"  # the interpreter is slow: one small case
+    if tiny and opts.get("halfsize", 2) > 1:
+        opts = dict(opts, halfsize=1)
+    cases = [((1, 1, 5, 7), 3)] if tiny else [((1, 1, 1, 1), 2), ((1, 1, 5, 7), 3), ((2, 2, 9, 12), 4),
+                                                ((2, 1, 17, 23), 10), ((1, 1, 33, 5), 7)]
     for shape, iters in cases:
         o = (torch.randn(shape, dtype=torch.float64) * 3).to(device)
         T = _field(shape, device=device)
@@ -141,7 +144,8 @@ def test_checkpoint_modes_give_identical_gradients(device, backend):
     o = torch.randn(shape, dtype=torch.float32, device=device) * 2
     T = _field(shape, torch.float32, device)
     results = []
-    for checkpoint in ("store", "recompute", 2, 7, 100):  # bisection, two-level, one segment
+    modes = ("store", "recompute") if tiny else ("store", "recompute", 2, 7, 100)
+    for checkpoint in modes:  # every state, bisection, two-level, a single segment
         z, leaves = _run(o, T, backend, iters=iters, checkpoint=checkpoint, q_nonneg=True)
         g = torch.autograd.grad(z, leaves, torch.ones_like(z))
         results.append((checkpoint, z.detach(), g))
@@ -167,24 +171,24 @@ def test_checkpoint_auto_policy():
 @pytest.mark.parametrize("device,backend", backend_device_params("cfss_iterate"))
 def test_batch_and_classes_independent(device, backend):
     tiny = backend == "triton" and device == "cpu"
-    shape = (2, 2, 7, 9) if tiny else (3, 2, 19, 24)
+    shape, iters = ((2, 2, 5, 6), 2) if tiny else ((3, 2, 19, 24), 4)
     o = torch.randn(shape, dtype=torch.float64, device=device)
     T = _field(shape, device=device)
-    full = geokernels.cfss_iterate(o, T, iters=4, backend=backend)
+    full = geokernels.cfss_iterate(o, T, iters=iters, backend=backend)
     for b in range(shape[0]):
         for c in range(shape[1]):
-            single = geokernels.cfss_iterate(o[b:b + 1, c:c + 1], T[b:b + 1, 2 * c:2 * c + 2], iters=4,
-                                             backend=backend)
+            single = geokernels.cfss_iterate(o[b:b + 1, c:c + 1], T[b:b + 1, 2 * c:2 * c + 2],
+                                             iters=iters, backend=backend)
             torch.testing.assert_close(full[b:b + 1, c:c + 1], single, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("cfss_iterate"))
 def test_noncontiguous_input(device, backend):
     tiny = backend == "triton" and device == "cpu"
-    H, W = (7, 6) if tiny else (23, 17)
+    H, W, iters = (5, 4, 2) if tiny else (23, 17, 3)
     o = torch.randn(2, 1, W, H, dtype=torch.float64, device=device).transpose(-1, -2)
     T = _field((2, 1, W, H), device=device).transpose(-1, -2)
-    z, z_ref, g, g_ref = _compare(o, T, backend, 3)
+    z, z_ref, g, g_ref = _compare(o, T, backend, iters)
     assert_close_rel(z, z_ref, torch.float64, factor=10, what="z")
     for name, a, b in zip(NAMES, g, g_ref):
         assert_close_rel(a, b, torch.float64, factor=100, what=f"grad {name}")
@@ -196,11 +200,12 @@ def test_constraint_residual_decreases_on_a_shape():
     torch.manual_seed(3)
     o = (2 * mask - 1) * 1.0 + torch.randn(1, 1, 48, 48, dtype=torch.float64) * 1.0
     opts = dict(eps=0.5, lam=1.0, sigma=2.0)
-    res = [float(cfss_constraint_residual(geokernels.cfss_iterate(o, T, iters=t, tau=1.0, **opts), T))
+    # (a dual step tau = 0.5 is stable here; tau = 1 overshoots and oscillates)
+    res = [float(cfss_constraint_residual(geokernels.cfss_iterate(o, T, iters=t, tau=0.5, **opts), T))
            for t in (0, 5, 20, 60)]
     no_dual = float(cfss_constraint_residual(geokernels.cfss_iterate(o, T, iters=60, tau=0.0, **opts), T))
     assert res[1] < res[0] and res[2] < res[1] and res[3] < res[2], res
-    assert res[3] < 0.5 * no_dual, (res, no_dual)
+    assert res[3] < 0.1 * no_dual, (res, no_dual)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 17, 23), (1, 1, 5, 40)])
@@ -230,12 +235,13 @@ def test_gradcheck_cpu():
 @pytest.mark.triton
 @pytest.mark.parametrize("device,backend", [p for p in backend_device_params("cfss_iterate") if "triton" in p.id])
 def test_gradcheck_triton(device, backend):
-    o = torch.randn(1, 1, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
-    T = _field((1, 1, 4, 5), device=device).requires_grad_()
+    o = torch.randn(1, 1, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    T = _field((1, 1, 2, 3), device=device).requires_grad_()
     s = torch.tensor(1.3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda o_, T_, sg: geokernels.cfss_iterate(o_, T_, iters=2, sigma=sg, halfsize=1, backend="triton"),
-        (o, T, s))
+        lambda o_, T_, sg: geokernels.cfss_iterate(o_, T_, iters=2, sigma=sg, halfsize=1, backend="triton",
+                                                   checkpoint="recompute"),
+        (o, T, s), fast_mode=True)
 
 
 @pytest.mark.parametrize("save", [False, True])

@@ -182,7 +182,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cfss_backward_cpu(
                     ", got ", grad_z.sizes());
   const at::Tensor gz = grad_z.to(o.scalar_type()).contiguous();
   const int64_t H = o.size(2), W = o.size(3);
-  const int64_t k = checkpoint_every;
+  // states saved by a forward run with save_states=false (none): fall back to the bisection
+  // schedule, which needs no saved state, so the op is always differentiable
+  const bool none_saved = states_in.dim() == 6 && states_in.size(0) == 0;
+  const int64_t k = none_saved ? 0 : checkpoint_every;
   const int64_t n_saved = cfss_num_saved(iters, k);
   TORCH_CHECK_VALUE(states_in.dim() == 6 && states_in.size(0) == n_saved && states_in.size(1) == 2 &&
                         states_in.numel() == n_saved * 2 * o.numel(),

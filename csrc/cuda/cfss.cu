@@ -464,7 +464,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cfss_backward_cuda(
   const at::Tensor params = params_in.to(o.scalar_type()).contiguous();
   TORCH_CHECK_VALUE(grad_z.sizes() == o.sizes(), "grad_z must have the shape of o ", o.sizes(),
                     ", got ", grad_z.sizes());
-  const int64_t k = checkpoint_every;
+  // states saved by a forward run with save_states=false (none): fall back to the bisection
+  // schedule, which needs no saved state, so the op is always differentiable
+  const bool none_saved = states_in.dim() == 6 && states_in.size(0) == 0;
+  const int64_t k = none_saved ? 0 : checkpoint_every;
   const int64_t n_saved = cfss_num_saved(iters, k);
   TORCH_CHECK_VALUE(states_in.dim() == 6 && states_in.size(0) == n_saved && states_in.size(1) == 2 &&
                         states_in.numel() == n_saved * 2 * o.numel() && states_in.device() == o.device(),

@@ -3,7 +3,7 @@
 One launch per iteration (forward) and per reverse step (backward); each program handles a 2-D
 tile of one plane and recomputes its stencil inputs from global memory (the Gaussian window, the
 dual variable at the pixel and its top/left neighbours) instead of staging them. The Gaussian taps
-are computed in the kernel from the ``params`` tensor ([eps, tau, lam, sigma]), so no host sync.
+are computed on the device from sigma in ``params`` ([eps, tau, lam, sigma]): no host sync.
 The checkpoint/replay driver and the reverse-step algebra mirror csrc/cpu/cfss.cpp and
 csrc/cpu/cfss_kernel.h (see there). Scalar-gradient sums are per-program partials (each program
 owns its slot), added in a fixed order. Runs on CPU tensors under TRITON_INTERPRET=1.
@@ -21,20 +21,10 @@ BLOCK_W = 32
 
 
 @triton.jit
-def _taps(sigma, a, HALF: tl.constexpr, CDT: tl.constexpr):
-    """w[a] and dw[a] (d/dsigma) of the normalised 1-D Gaussian (csrc/include/geokernels/cfss_math.h)."""
-    inv2s2 = 1.0 / (2.0 * sigma * sigma)
-    inv_s3 = 1.0 / (sigma * sigma * sigma)
-    s = sigma * 0.0
-    ds = sigma * 0.0
-    for b in tl.static_range(-HALF, HALF + 1):
-        g = tl.exp(0.0 - (b * b) * inv2s2)
-        s += g
-        ds += g * (b * b) * inv_s3
-    den = s * s + 1e-15
-    wa = tl.exp(0.0 - (a * a) * inv2s2) / tl.sqrt(den)
-    dwa = wa * ((a * a) * inv_s3 - s * ds / den)
-    return wa, dwa
+def _tap(taps_ptr, a, HALF: tl.constexpr, CDT: tl.constexpr):
+    """w[a] and dw[a] (d/dsigma) of the normalised 1-D Gaussian, precomputed on the device."""
+    return (tl.load(taps_ptr + (a + HALF)).to(CDT),
+            tl.load(taps_ptr + (2 * HALF + 1) + (a + HALF)).to(CDT))
 
 
 @triton.jit
@@ -91,7 +81,7 @@ def _init_kernel(o_ptr, p_ptr, u_ptr, q_ptr, H, W, CDT: tl.constexpr, BH: tl.con
 
 
 @triton.jit
-def _step_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, un_ptr, qn_ptr, z_ptr, H, W,
+def _step_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, un_ptr, qn_ptr, z_ptr, H, W,
                  HALF: tl.constexpr, NONNEG: tl.constexpr, LAST: tl.constexpr, CDT: tl.constexpr,
                  BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
@@ -104,13 +94,12 @@ def _step_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, un_ptr, qn_ptr, z_ptr, H, W,
     eps = tl.load(p_ptr).to(CDT)
     tau = tl.load(p_ptr + 1).to(CDT)
     lam = tl.load(p_ptr + 2).to(CDT)
-    sigma = tl.load(p_ptr + 3).to(CDT)
     p = tl.zeros((BH, BW), dtype=CDT)
     for a in tl.static_range(-HALF, HALF + 1):
-        wa, _ = _taps(sigma, a, HALF, CDT)
+        wa, _ = _tap(taps_ptr, a, HALF, CDT)
         hrow = tl.zeros((BH, BW), dtype=CDT)
         for b in tl.static_range(-HALF, HALF + 1):
-            wb, _ = _taps(sigma, b, HALF, CDT)
+            wb, _ = _tap(taps_ptr, b, HALF, CDT)
             hrow += wb * _v(ub, i + a, j + b, H, W, CDT)
         p += wa * hrow
     _a0, _a1, T0, T1, _r, _qa, qt = _dual(ub, qb, t0b, t1b, i, j, H, W, tau, NONNEG, CDT)
@@ -146,7 +135,7 @@ def _adj_dual(u_ptr, q_ptr, t0_ptr, t1_ptr, a_ptr, gq_ptr, i, j, H, W, eps, tau,
 
 
 @triton.jit
-def _reverse_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, ap_ptr, gqo_ptr, go_ptr,
+def _reverse_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, ap_ptr, gqo_ptr, go_ptr,
                     gt_ptr, sums_ptr, H, W, HALF: tl.constexpr, NONNEG: tl.constexpr,
                     HAS_GQ: tl.constexpr, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
@@ -161,7 +150,6 @@ def _reverse_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, ap_ptr, gq
     eps = tl.load(p_ptr).to(CDT)
     tau = tl.load(p_ptr + 1).to(CDT)
     lam = tl.load(p_ptr + 2).to(CDT)
-    sigma = tl.load(p_ptr + 3).to(CDT)
     valid = (i < H) & (j < W)
     d0, d1, T0, T1, r, qt, gm0, gm1, gq, gr = _adj_dual(
         ub, qb, t0b, t1b, ab, gqb, i, j, H, W, eps, tau, HAS_GQ, NONNEG, CDT)
@@ -179,11 +167,11 @@ def _reverse_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, ap_ptr, gq
     ly = tl.zeros((BH, BW), dtype=CDT)
     lyd = tl.zeros((BH, BW), dtype=CDT)
     for a in tl.static_range(-HALF, HALF + 1):
-        wa, dwa = _taps(sigma, a, HALF, CDT)
+        wa, dwa = _tap(taps_ptr, a, HALF, CDT)
         hv = tl.zeros((BH, BW), dtype=CDT)
         ha = tl.zeros((BH, BW), dtype=CDT)
         for b in tl.static_range(-HALF, HALF + 1):
-            wb, _ = _taps(sigma, b, HALF, CDT)
+            wb, _ = _tap(taps_ptr, b, HALF, CDT)
             hv += wb * _v(ub, i + a, j + b, H, W, CDT)
             ha += wb * _ld(ab, i + a, j + b, H, W, CDT)
         p += wa * hv
@@ -221,6 +209,20 @@ def _reverse_kernel(o_ptr, t_ptr, p_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, ap_ptr, gq
     tl.store(sp + 3, tl.load(sp + 3) + s_sg)
 
 
+def gaussian_taps(sigma: torch.Tensor, halfsize: int) -> torch.Tensor:
+    """(2, 2h+1): the normalised 1-D taps w and dw/dsigma (csrc/include/geokernels/cfss_math.h),
+    computed on sigma's device with torch ops (no host sync)."""
+    a = torch.arange(-halfsize, halfsize + 1, dtype=sigma.dtype, device=sigma.device)
+    a2 = a * a
+    g = torch.exp(-a2 / (2 * sigma * sigma))
+    s = g.sum()
+    ds = (g * a2).sum() / sigma**3
+    den = s * s + 1e-15
+    w = g / torch.sqrt(den)
+    dw = w * (a2 / sigma**3 - s * ds / den)
+    return torch.stack((w, dw)).contiguous()
+
+
 def _cdt(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -239,6 +241,7 @@ class _Runner:
         self.grid = _grid(o)
         self.kw = dict(CDT=_cdt(o.dtype), BH=BLOCK_H, BW=BLOCK_W)
         self.half, self.nonneg = halfsize, q_nonneg
+        self.taps = gaussian_taps(params[3], halfsize)
 
     def init(self):
         s = torch.empty((2,) + tuple(self.o.shape), dtype=self.o.dtype, device=self.o.device)
@@ -250,7 +253,7 @@ class _Runner:
         if dst is None and not last:
             dst = torch.empty_like(s)
         un, qn = (dst[0], dst[1]) if dst is not None else (s[0], s[1])
-        _step_kernel[self.grid](self.o, self.T, self.params, s[0], s[1], un, qn,
+        _step_kernel[self.grid](self.o, self.T, self.params, self.taps, s[0], s[1], un, qn,
                                 z if last else s[0], self.H, self.W, HALF=self.half,
                                 NONNEG=self.nonneg, LAST=last, **self.kw)
         return dst
@@ -295,7 +298,8 @@ def cfss_backward(grad_z: torch.Tensor, o: torch.Tensor, T: torch.Tensor, params
     o = o.contiguous()
     T = T.to(o.dtype).contiguous()
     pc = params.to(o.dtype).contiguous()
-    k = checkpoint_every
+    # nothing saved (a forward with save_states=False): the bisection schedule needs no states
+    k = 0 if states.shape[0] == 0 else checkpoint_every
     run = _Runner(o, T, pc, halfsize, q_nonneg)
     g_o = torch.zeros_like(o)
     g_T = torch.zeros_like(T)
@@ -306,7 +310,7 @@ def cfss_backward(grad_z: torch.Tensor, o: torch.Tensor, T: torch.Tensor, params
         A, gq = adj["A"], adj["gq"]
         A_prev = torch.empty_like(o)
         gq_out = torch.empty_like(o)
-        _reverse_kernel[run.grid](o, T, pc, x[0], x[1], A, gq if gq is not None else A, A_prev,
+        _reverse_kernel[run.grid](o, T, pc, run.taps, x[0], x[1], A, gq if gq is not None else A, A_prev,
                                   gq_out, g_o, g_T, sums, run.H, run.W, HALF=halfsize,
                                   NONNEG=q_nonneg, HAS_GQ=gq is not None, **run.kw)
         adj["A"], adj["gq"] = A_prev, gq_out

@@ -4,7 +4,7 @@ Forward: one program per 2-D tile of one (b, c) plane; |c| per pixel from sigmoi
 its bottom/right neighbours (zero padding), per-tile partial sums reduced in a fixed order.
 Backward: single pass; each pixel recomputes the per-pixel partials at itself and at its top and
 left neighbours (the adjoint stencil of grad+) instead of staging them in memory.
-Gradient semantics as csrc/include/geokernels/contour_flow_math.h (cosine_similarity's).
+Math and gradient semantics as csrc/include/geokernels/contour_flow_math.h (cosine_similarity's).
 Runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -39,28 +39,29 @@ def _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT: tl.constexpr):
     nf = tl.sqrt(f0 * f0 + f1 * f1)
     A = tl.maximum(na, eps)
     Fn = tl.maximum(nf, eps)
-    c = (a0 / A) * (f0 / Fn) + (a1 / A) * (f1 / Fn)
-    return a0, a1, f0, f1, na, nf, A, Fn, c
+    inv = 1.0 / (A * Fn)
+    c = (a0 * f0 + a1 * f1) * inv
+    return a0, a1, f0, f1, na, nf, A, Fn, c, inv
 
 
 @triton.jit
 def _grads(x_ptr, f0_ptr, f1_ptr, g_ptr, i, j, H, W, eps, w_scalar, GRAD_MAP: tl.constexpr,
            CDT: tl.constexpr):
     inside = (i >= 0) & (i < H) & (j >= 0) & (j < W)
-    a0, a1, f0, f1, na, nf, A, Fn, c = _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT)
+    a0, a1, f0, f1, na, nf, A, Fn, c, inv = _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT)
     if GRAD_MAP:
         w = tl.load(g_ptr + i * W + j, mask=inside, other=0.0).to(CDT)
     else:
         w = w_scalar
-    sgn = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, 0.0))
-    inv = sgn * w / (A * Fn)
-    dot = a0 * f0 + a1 * f1
-    ka = tl.where(na > 0.0, dot * inv / (A * tl.where(na > 0.0, na, 1.0)), 0.0)
-    kf = tl.where(nf > 0.0, dot * inv / (Fn * tl.where(nf > 0.0, nf, 1.0)), 0.0)
-    ga0 = tl.where(inside, f0 * inv - ka * a0, 0.0)
-    ga1 = tl.where(inside, f1 * inv - ka * a1, 0.0)
-    gf0 = a0 * inv - kf * f0
-    gf1 = a1 * inv - kf * f1
+    s = tl.where(c > 0.0, w, tl.where(c < 0.0, 0.0 - w, 0.0))
+    si = s * inv
+    sc = s * c
+    ka = tl.where(na > 0.0, sc / (A * tl.where(na > 0.0, na, 1.0)), 0.0)
+    kf = tl.where(nf > 0.0, sc / (Fn * tl.where(nf > 0.0, nf, 1.0)), 0.0)
+    ga0 = tl.where(inside, f0 * si - ka * a0, 0.0)
+    ga1 = tl.where(inside, f1 * si - ka * a1, 0.0)
+    gf0 = a0 * si - kf * f0
+    gf1 = a1 * si - kf * f1
     return ga0, ga1, gf0, gf1
 
 
@@ -86,7 +87,7 @@ def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, eps_ptr, WRITE_MAP: t
     f0b = f_ptr + 2 * plane * hw
     f1b = f0b + hw
     valid = (i < H) & (j < W)
-    a0, a1, f0, f1, na, nf, A, Fn, c = _pixel(xb, f0b, f1b, i, j, H, W, eps, CDT)
+    a0, a1, f0, f1, na, nf, A, Fn, c, inv = _pixel(xb, f0b, f1b, i, j, H, W, eps, CDT)
     v = tl.where(valid, tl.abs(c), 0.0)
     if WRITE_MAP:
         tl.store(map_ptr + plane * hw + i * W + j, v.to(map_ptr.dtype.element_ty), mask=valid)
