@@ -46,7 +46,7 @@ def test_cfss_block_matches_functional_and_learns_positive_scalars():
     T = F.normalize(torch.randn(2, 2, 12, 13, dtype=torch.float64), dim=1)
     block = CFSSBlock(iters=4, eps=0.7, tau=0.4, lam=1.3, sigma=2.0, learnable=("eps", "sigma"))
     assert {n for n, _ in block.named_parameters()} == {"raw_eps", "raw_sigma"}
-    torch.testing.assert_close(float(block.value("eps")), 0.7)
+    torch.testing.assert_close(float(block.value("eps").detach()), 0.7)
     z = block(o, T)
     ref = geokernels.cfss_iterate(o, T, iters=4, eps=0.7, tau=0.4, lam=1.3, sigma=2.0)
     torch.testing.assert_close(z, ref)
@@ -54,7 +54,7 @@ def test_cfss_block_matches_functional_and_learns_positive_scalars():
     assert block.raw_eps.grad is not None and block.raw_sigma.grad is not None
     with torch.no_grad():  # whatever the optimiser does, the scalars stay positive
         block.raw_eps.fill_(-50.0)
-    assert float(block.value("eps")) > 0
+    assert float(block.value("eps").detach()) > 0
     with pytest.raises(ValueError, match="learnable"):
         CFSSBlock(learnable=("gamma",))
 
@@ -101,7 +101,8 @@ def test_cfssnet_forward_and_loss():
     flow_term = (1 - F.cosine_similarity(out["flow"], flow_gt, dim=1)).mean()
     shape = geokernels.contour_flow_loss(out["logits"], flow_gt)
     torch.testing.assert_close(total, bce + 0.1 * flow_term + 0.5 * shape)
-    assert parts["bce"] == pytest.approx(float(bce)) and parts["flow"] == pytest.approx(float(flow_term))
+    assert parts["bce"] == pytest.approx(float(bce.detach()))
+    assert parts["flow"] == pytest.approx(float(flow_term.detach()))
     total.backward()
     assert net.cfss.raw_lam.grad is not None
     assert all(p.grad is not None for p in net.backbone.parameters())

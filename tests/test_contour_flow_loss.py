@@ -7,7 +7,7 @@ import torch
 import geokernels
 from geokernels import reference
 from tests._util import assert_close_rel as _assert_close_rel
-from tests._util import backend_device_params, requires_cuda
+from tests._util import backend_device_params, rel_err, requires_cuda
 
 
 def assert_close_rel(out, ref, dtype=None, factor=1.0, what=""):
@@ -171,9 +171,9 @@ def test_deterministic_and_isa_builds_agree():
             outs.append((loss.detach(), x_k.grad, f_k.grad))
     finally:
         ext._set_cpu_isa("auto")
-    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))
-    for a, b in zip(outs[0], outs[1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))  # run to run: bit-identical
+    for a, b in zip(outs[0], outs[1]):  # baseline vs SIMD build (2-ULP exp there): rounding level
+        assert rel_err(a, b) < 1e-5
 
 
 @requires_cuda

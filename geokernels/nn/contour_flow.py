@@ -82,6 +82,6 @@ class CFSSBlock(nn.Module):
                             checkpoint=self.checkpoint, backend=self.backend, **scalars)
 
     def extra_repr(self) -> str:
-        vals = ", ".join(f"{n}={float(self.value(n)):.4g}" for n in CFSS_SCALARS)
+        vals = ", ".join(f"{n}={float(torch.as_tensor(self.value(n)).detach()):.4g}" for n in CFSS_SCALARS)
         return (f"iters={self.iters}, {vals}, halfsize={self.halfsize}, q_nonneg={self.q_nonneg}, "
                 f"learnable={self.learnable}")

@@ -32,7 +32,7 @@ from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import get_checks
 from geokernels.ops._validate import check_image, check_int
-from geokernels.ops.contour_flow import check_flow_shape
+from geokernels.ops.contour_flow import check_flow_shape, check_values
 from geokernels.reference import contour_flow as _ref
 
 register_op("cfss_iterate", ("cpu", "cuda", "triton"))
@@ -130,9 +130,11 @@ def cfss_iterate(
     Returns:
         z (B, C, H, W), dtype of ``o``. Differentiable w.r.t. o, T, eps, tau, lam and sigma.
     """
-    check_image(o, "o", allow_low_precision_cuda=False)
-    check_image(T, "T", allow_low_precision_cuda=False)
+    check_image(o, "o", allow_low_precision_cuda=False, values=False)
+    check_image(T, "T", allow_low_precision_cuda=False, values=False)
     check_flow_shape(o, T, "o", "T")
+    check_values(o, "o")
+    check_values(T, "T")
     iters = check_int(iters, "iters", min_value=0)
     halfsize = check_int(halfsize, "halfsize", min_value=0)
     if not isinstance(q_nonneg, bool):

