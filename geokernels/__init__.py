@@ -15,11 +15,13 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 1.6)
 
 # ops (SPEC 2.1-2.2)
+from geokernels.ops import contour_flow_field, distance_transform
 
 # ops (SPEC 2.3-2.4)
 from geokernels.ops import cfss_iterate, contour_flow_loss
 
 # ops (SPEC 3)
+from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap
 
 # high-level API (models, detector)
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -29,9 +30,11 @@ def _base_version(v: str) -> str:
 def _load():
     global _C, _missing_reason
     try:
-        from geokernels import _C as mod  # type: ignore[attr-defined]
+        # import_module (not `from geokernels import _C`, which raises a plain ImportError) so a
+        # missing binary is told apart from one that exists but cannot load
+        mod = importlib.import_module("geokernels._C")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("geokernels._C", "_C"):
+        if exc.name != "geokernels._C":
             raise
         _missing_reason = "geokernels._C is not built"
         return

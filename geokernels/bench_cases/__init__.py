@@ -5,3 +5,4 @@ from geokernels.bench_cases import dconvex  # noqa: F401
 from geokernels.bench_cases import contour_flow  # noqa: F401
 
 # flow mismatching
+from geokernels.bench_cases import flow_mismatch  # noqa: F401,E402
