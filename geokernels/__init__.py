@@ -11,6 +11,7 @@ from geokernels._checks import get_checks, set_checks
 from geokernels.ops import qc2_loss
 
 # ops (SPEC 1.3-1.5)
+from geokernels.ops import cgpm, fidelity_loss, qc1_loss
 
 # ops (SPEC 1.6)
 from geokernels.ops import midpoint_convexify
@@ -19,6 +20,7 @@ from geokernels.ops import midpoint_convexify
 from geokernels.ops import contour_flow_field, distance_transform
 
 # ops (SPEC 2.3-2.4)
+from geokernels.ops import cfss_iterate, contour_flow_loss
 
 # ops (SPEC 3)
 from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap

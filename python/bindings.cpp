@@ -33,6 +33,18 @@ TORCH_LIBRARY(geokernels, m) {
       "float grad_threshold, str activation, str reduction) -> Tensor");
 
   // ---- SPEC 1.3-1.5: qc1_loss, fidelity_loss, CGPM fused steps --------------------------------
+  m.def("qc1_loss_forward(Tensor u, int window, str reduction) -> Tensor");
+  m.def("qc1_loss_backward(Tensor grad, Tensor u, int window, str reduction) -> Tensor");
+  // (loss, d loss / d u) in one pass, reduction "mean" or "sum" (CPU; autograd scales the grad)
+  m.def("qc1_loss_value_and_grad(Tensor u, int window, str reduction) -> (Tensor, Tensor)");
+  // Steps first_step+1 .. first_step+steps of the CGPM Adam loop from the state (o, m, v);
+  // order 2 = qc2_loss (margin..activation used), 1 = qc1_loss (window used).
+  // Returns (o, m, v, history); history has `steps` entries when return_history, else none.
+  m.def(
+      "cgpm_steps(Tensor o, Tensor m, Tensor v, Tensor u0, int first_step, int steps, float lr, "
+      "float beta1, float beta2, float adam_eps, float weight, int order, float margin, "
+      "float beta, float eps, float grad_threshold, str activation, int window, "
+      "bool return_history) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
   // (out, sources, sweeps): sources is int64 (B, C, H, W) if track_sources else empty; sweeps is a
@@ -49,6 +61,18 @@ TORCH_LIBRARY(geokernels, m) {
   m.def("contour_flow_field(Tensor mask, bool central, bool float64) -> Tensor");
 
   // ---- SPEC 2.3-2.4: contour-flow loss, CFSS iterations -------------------------------------
+  m.def("contour_flow_loss_forward(Tensor logits, Tensor flow, float eps, str reduction) -> Tensor");
+  m.def(
+      "contour_flow_loss_backward(Tensor grad, Tensor logits, Tensor flow, float eps, "
+      "str reduction) -> (Tensor, Tensor)");
+  // params = [eps, tau, lam, sigma] (a tensor so that gradients reach them without a host sync);
+  // states = the saved (u, q) checkpoints, shape (n, 2, B, C, H, W).
+  m.def(
+      "cfss_forward(Tensor o, Tensor T, Tensor params, int iters, int halfsize, bool q_nonneg, "
+      "int checkpoint_every, bool save_states) -> (Tensor, Tensor)");
+  m.def(
+      "cfss_backward(Tensor grad_z, Tensor o, Tensor T, Tensor params, Tensor states, int iters, "
+      "int halfsize, bool q_nonneg, int checkpoint_every) -> (Tensor, Tensor, Tensor)");
 
   // ---- SPEC 3: flow-mismatching path building and reduction ----------------------------------
   // Philox4x32-10 of N counters (N, 4) under key = seed: the raw stream of the noise (philox.h).

@@ -2,9 +2,9 @@
 //
 // Forward: a 32x8 tile of u plus a 2-pixel top/left halo is staged in shared memory; each thread
 // evaluates one pixel with the same templated math as the CPU kernels (qc2_math.h); reductions
-// finish in the same launch (reduce.cuh). Backward: the per-pixel partials of the tile plus a
-// 2-pixel bottom/right halo are computed once into shared memory, then the adjoint stencils
-// (see csrc/cpu/qc2_kernel.h for the algebra) gather them into grad u.
+// finish in the same launch (reduce.cuh). Backward: qc2_tile_grad (qc2_tile.cuh, shared with the
+// fused CGPM step) computes the tile's partials plus a 2-pixel bottom/right halo once into
+// shared memory, then gathers them with the adjoint stencils into grad u.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,13 +14,14 @@
 
 #include "geokernels/op_args.h"
 #include "geokernels/qc2_math.h"
+#include "qc2_tile.cuh"
 #include "reduce.cuh"
 
 namespace geokernels {
 namespace cuda {
 namespace {
 
-constexpr int TW = 32, TH = 8;  // output tile; blockDim = (TW, TH)
+constexpr int TW = kQc2TileW, TH = kQc2TileH;  // output tile; blockDim = (TW, TH)
 constexpr unsigned kMaxGridZ = 65535;
 
 __device__ __forceinline__ int64_t clampi(int64_t v, int64_t hi) {
@@ -65,66 +66,14 @@ __global__ void qc2_backward_kernel(const scalar_t* __restrict__ u, const scalar
                                     bool grad_is_map, opmath_t grad_divisor, int64_t planes,
                                     int64_t H, int64_t W, Qc2Params<opmath_t> p,
                                     scalar_t* __restrict__ grad_u) {
-  constexpr int UR = TH + 4, UC = TW + 4;  // u rows i0-2 .. i0+TH+1
-  constexpr int PR = TH + 2, PC = TW + 2;  // partials rows i0 .. i0+TH+1
-  __shared__ opmath_t su[UR][UC];
-  __shared__ opmath_t s_ax[PR][PC], s_ay[PR][PC], s_axx[PR][PC], s_ayy[PR][PC], s_am2[PR][PC];
-  __shared__ opmath_t s_gux[TH][TW + 1], s_guy[TH + 1][TW];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * TW + tx;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * TW, i0 = static_cast<int64_t>(blockIdx.y) * TH;
   const opmath_t w_scalar = grad_is_map ? opmath_t(0) : static_cast<opmath_t>(grad[0]) / grad_divisor;
+  const int64_t i = i0 + threadIdx.y, j = j0 + threadIdx.x;
   for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
     const int64_t off = plane * H * W;
-    __syncthreads();
-    for (int k = tid; k < UR * UC; k += TW * TH) {
-      const int r = k / UC, c = k % UC;
-      const int64_t gi = clampi(i0 - 2 + r, H - 1), gj = clampi(j0 - 2 + c, W - 1);
-      su[r][c] = static_cast<opmath_t>(u[off + gi * W + gj]);
-    }
-    __syncthreads();
-    for (int k = tid; k < PR * PC; k += TW * TH) {
-      const int pr = k / PC, pc = k % PC;
-      const int64_t gi = i0 + pr, gj = j0 + pc;
-      Qc2Partials<opmath_t> d{opmath_t(0), opmath_t(0), opmath_t(0), opmath_t(0), opmath_t(0)};
-      if (gi < H && gj < W) {
-        const int r = pr + 2, c = pc + 2;
-        const int rt = gi >= 1 ? r - 1 : r, rtt = gi >= 2 ? r - 2 : rt;
-        const int cl = gj >= 1 ? c - 1 : c, cll = gj >= 2 ? c - 2 : cl;
-        const opmath_t w = grad_is_map ? static_cast<opmath_t>(grad[off + gi * W + gj]) : w_scalar;
-        d = qc2_partials(qc2_stencil(su[r][c], su[r][cl], su[r][cll], su[rt][c], su[rtt][c], su[rt][cl]), p, w);
-      }
-      s_ax[pr][pc] = d.ax; s_ay[pr][pc] = d.ay; s_axx[pr][pc] = d.axx; s_ayy[pr][pc] = d.ayy;
-      s_am2[pr][pc] = d.am * opmath_t(0.5);
-    }
-    __syncthreads();
-    // GUX = a_x + Dx^T a_xx + Dy^T (a_m/2), zero where Dx^T drops it (column 0) or off-image
-    for (int k = tid; k < TH * (TW + 1); k += TW * TH) {
-      const int r = k / (TW + 1), c = k % (TW + 1);
-      const int64_t gi = i0 + r, gj = j0 + c;
-      opmath_t v = opmath_t(0);
-      if (gi < H && gj < W && gj >= 1) {
-        v = s_ax[r][c] + s_axx[r][c] - s_axx[r][c + 1] - s_am2[r + 1][c];
-        if (gi >= 1) v += s_am2[r][c];
-      }
-      s_gux[r][c] = v;
-    }
-    // GUY = a_y + Dy^T a_yy + Dx^T (a_m/2), zero where Dy^T drops it (row 0) or off-image
-    for (int k = tid; k < (TH + 1) * TW; k += TW * TH) {
-      const int r = k / TW, c = k % TW;
-      const int64_t gi = i0 + r, gj = j0 + c;
-      opmath_t v = opmath_t(0);
-      if (gi < H && gj < W && gi >= 1) {
-        v = s_ay[r][c] + s_ayy[r][c] - s_ayy[r + 1][c] - s_am2[r][c + 1];
-        if (gj >= 1) v += s_am2[r][c];
-      }
-      s_guy[r][c] = v;
-    }
-    __syncthreads();
-    const int64_t i = i0 + ty, j = j0 + tx;
-    if (i < H && j < W) {
-      const opmath_t g = s_gux[ty][tx] - s_gux[ty][tx + 1] + s_guy[ty][tx] - s_guy[ty + 1][tx];
-      grad_u[off + i * W + j] = static_cast<scalar_t>(g);
-    }
+    const opmath_t g = qc2_tile_grad<scalar_t, opmath_t>(u + off, grad_is_map ? grad + off : nullptr,
+                                                         w_scalar, H, W, i0, j0, p);
+    if (i < H && j < W) grad_u[off + i * W + j] = static_cast<scalar_t>(g);
   }
 }
 

@@ -35,3 +35,50 @@ def qc2_cases(device: torch.device, quick: bool):
     label = "fwd+bwd " + "x".join(map(str, shape)) + " f32"
     # one read of u forward, one read of u and one write of grad u backward
     return [Case("qc2_loss", label, make_step, nbytes=3 * u.numel() * u.element_size())]
+
+
+@register_case
+def qc1_cases(device: torch.device, quick: bool):
+    shape = (2, 1, 128, 128) if quick else (8, 1, 256, 256)
+    u = torch.rand(shape, device=device, requires_grad=True)
+
+    def make_step(impl: str):
+        if impl == "reference":
+            fn = reference.qc1_loss
+        elif impl == "compiled":
+            fn = torch.compile(reference.qc1_loss)
+        else:
+            fn = functools.partial(geokernels.qc1_loss, backend=impl)
+        return _loss_step(u, fn)
+
+    label = "fwd+bwd " + "x".join(map(str, shape)) + " window 7 f32"
+    return [Case("qc1_loss", label, make_step, nbytes=3 * u.numel() * u.element_size())]
+
+
+def _cgpm_logits(shape, device):
+    """Noisy logits of a notched disk (a non-convex mask) per image."""
+    B, C, H, W = shape
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    r = torch.sqrt(yy ** 2 + xx ** 2)
+    blob = torch.where((xx > 0.1) & (yy.abs() < 0.2), (0.6 - r) * 8 - 6, (0.6 - r) * 8)
+    g = torch.Generator().manual_seed(0)
+    return (blob + 0.5 * torch.randn(B, C, H, W, generator=g)).to(device)
+
+
+@register_case
+def cgpm_cases(device: torch.device, quick: bool):
+    shape, steps = ((2, 1, 64, 64), 10) if quick else ((4, 1, 256, 256), 100)
+    logits = _cgpm_logits(shape, device)
+    cases = []
+    for method in ("c2", "c1"):
+        def make_step(impl: str, method=method):
+            if impl == "reference":
+                return lambda: reference.cgpm(logits, steps=steps, method=method)
+            return lambda: geokernels.cgpm(logits, steps=steps, method=method, backend=impl)
+
+        label = f"{steps} steps " + "x".join(map(str, shape)) + f" {method} f32"
+        # per step: read u (neighbours), u0, o, m, v; write o, m, v, u_next
+        nbytes = steps * 9 * logits.numel() * logits.element_size()
+        # torch.compile of a 100-step unrolled autograd loop takes longer than the benchmark
+        cases.append(Case("cgpm", label, make_step, nbytes=nbytes, compile_reference=False))
+    return cases

@@ -1,6 +1,6 @@
-"""Quasi-concavity (D-Convexity) losses: public API, fake kernels and autograd (SPEC.md 1.2).
+"""Quasi-concavity (D-Convexity) losses: public API, fake kernels and autograd (SPEC.md 1.2-1.4).
 
-The C++/CUDA kernels are ``torch.ops.geokernels.qc2_loss_forward/backward``; the backward is
+The C++/CUDA kernels are ``torch.ops.geokernels.qc{2,1}_loss_forward/backward``; the backward is
 closed form (no autograd graph through the stencils).
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_real
+from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_int, check_real
 from geokernels.reference import dconvex as _ref
 
 QC2_ACTIVATIONS = ("softplus", "relu")
@@ -89,3 +89,136 @@ if _extension.compiled():
     torch.library.register_fake("geokernels::qc2_loss_backward")(_qc2_backward_fake)
     torch.library.register_autograd(
         "geokernels::qc2_loss_forward", _qc2_backward, setup_context=_qc2_setup_context)
+
+
+# ---- SPEC 1.3: first-order quasi-concavity loss ---------------------------------------------
+
+QC1_MAX_WINDOW = 63  # the kernels' limit (csrc/include/geokernels/dconvex_args.h)
+
+register_op("qc1_loss", ("cpu", "cuda", "triton"))
+
+
+def check_window(window) -> int:
+    """``window`` must be an odd int in [1, QC1_MAX_WINDOW]."""
+    window = check_int(window, "window", min_value=1)
+    if window % 2 == 0:
+        raise ValueError(f"window must be odd, got {window}")
+    if window > QC1_MAX_WINDOW:
+        raise ValueError(f"window must be <= {QC1_MAX_WINDOW}, got {window}")
+    return window
+
+
+def qc1_loss(
+    u: torch.Tensor,
+    window: int = 7,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """First-order quasi-concavity loss of a mask function (SPEC.md 1.3).
+
+    For every pixel p and offset d in the ``window`` x ``window`` square (centre included),
+    ``w_d * h_d`` with ``w_d = sigmoid(u(p+d) - u(p))`` (u = 0 outside the image) and
+    ``h_d = relu(-(uy n_dy + ux n_dx))``, n_d = d / (|d| + 1e-8), ux/uy the backward
+    differences of SPEC 1.1. The fused kernels never store the window**2 maps: memory is
+    O(B*C*H*W) forward and backward.
+
+    Args:
+        u: (B, C, H, W) mask values, float32/float64 (float16/bfloat16 on CUDA, computed in
+            float32). Channels are independent.
+        window: odd side of the offset square, 1 <= window <= 63.
+        reduction: "mean" over B*C*K*H*W with K = window**2 (the centre offset counts),
+            "sum", or "none" for the (B, C, H, W) map of per-pixel sums over the offsets.
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (reference).
+
+    Returns:
+        A 0-dim tensor, or the loss map for reduction="none"; dtype of ``u``.
+    """
+    check_image(u, "u")
+    window = check_window(window)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    be = resolve("qc1_loss", backend, u)
+    if be == "torch":
+        return _ref.qc1_loss(u, window, reduction)
+    if be == "triton":
+        from geokernels.triton import qc_loss as _triton_qc
+
+        return _triton_qc.qc1_loss_forward(u, window, reduction)
+    if be == "cpu" and reduction != "none" and torch.is_grad_enabled() and u.requires_grad:
+        # the gradient pass evaluates every sigmoid the forward needs: compute the loss and
+        # its gradient together (one pass instead of two); backward is then a scale
+        return torch.ops.geokernels.qc1_loss_value_and_grad(u, window, reduction)[0]
+    return torch.ops.geokernels.qc1_loss_forward(u, window, reduction)
+
+
+def _qc1_forward_fake(u, window, reduction):
+    if reduction == "none":
+        return torch.empty_like(u, memory_format=torch.contiguous_format)
+    return u.new_empty(())
+
+
+def _qc1_backward_fake(grad, u, window, reduction):
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+def _qc1_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.args = inputs[1:]
+
+
+def _qc1_backward(ctx, grad):
+    (u,) = ctx.saved_tensors
+    grad_u = torch.ops.geokernels.qc1_loss_backward(grad, u, *ctx.args)
+    return (grad_u,) + (None,) * len(ctx.args)
+
+
+def _qc1_value_and_grad_fake(u, window, reduction):
+    return u.new_empty(()), torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+def _qc1_value_and_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _qc1_value_and_grad_backward(ctx, grad_loss, _grad_of_grad):
+    (grad_u,) = ctx.saved_tensors
+    return grad_loss * grad_u, None, None
+
+
+if _extension.compiled():
+    torch.library.register_fake("geokernels::qc1_loss_value_and_grad")(_qc1_value_and_grad_fake)
+    torch.library.register_autograd(
+        "geokernels::qc1_loss_value_and_grad", _qc1_value_and_grad_backward,
+        setup_context=_qc1_value_and_grad_setup_context)
+    torch.library.register_fake("geokernels::qc1_loss_forward")(_qc1_forward_fake)
+    torch.library.register_fake("geokernels::qc1_loss_backward")(_qc1_backward_fake)
+    torch.library.register_autograd(
+        "geokernels::qc1_loss_forward", _qc1_backward, setup_context=_qc1_setup_context)
+
+
+# ---- SPEC 1.4: fidelity ------------------------------------------------------------------------
+
+def fidelity_loss(u: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
+    """One-sided fidelity ``mean(relu(u0 - u)**2)`` (SPEC.md 1.4): only u < u0 is penalised,
+    since convexification only raises u.
+
+    A pointwise loss that PyTorch already fuses well, so it is computed with the very same
+    torch expression as the reference (identical values and gradients, to u and to u0) after
+    validation; CGPM's fused kernels evaluate its closed-form gradient themselves.
+
+    Args:
+        u: (B, C, H, W) current mask values.
+        u0: (B, C, H, W) reference mask, same shape, dtype and device as ``u``.
+
+    Returns:
+        A 0-dim tensor of the dtype of ``u``.
+    """
+    check_image(u, "u")
+    check_image(u0, "u0")
+    if u0.shape != u.shape:
+        raise ValueError(f"u0 must have the shape of u {tuple(u.shape)}, got {tuple(u0.shape)}")
+    if u0.dtype != u.dtype:
+        raise TypeError(f"u0 must have the dtype of u ({u.dtype}), got {u0.dtype}")
+    if u0.device != u.device:
+        raise ValueError(f"u0 must be on the device of u ({u.device}), got {u0.device}")
+    return _ref.fidelity_loss(u, u0)

@@ -3,6 +3,7 @@
 from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 
 # SPEC 1.3-1.5
+from geokernels.reference.dconvex import cgpm, fidelity_loss, qc1_loss, qc1_loss_terms
 
 # SPEC 1.6
 from geokernels.reference.midpoint import midpoint_convexify, midpoint_offsets, midpoint_sweep
@@ -13,6 +14,8 @@ from geokernels.reference.distance import (contour_flow_field, distance_transfor
                                            distance_transform_bruteforce)
 
 # SPEC 2.3-2.4
+from geokernels.reference.contour_flow import (cfss_iterate, contour_flow_loss,
+                                             contour_flow_loss_map, gaussian_kernel)
 
 # SPEC 3
 # (the function flow_mismatch shadows the submodule's attribute name; import the module's other
