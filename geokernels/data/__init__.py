@@ -3,6 +3,7 @@
 from geokernels.data.folder import SegmentationFolder
 from geokernels.data.shapes import SyntheticShapes
 from geokernels.data.synthetic import notebook_shape, sector_disk_mask, signed_distance
+from geokernels.data.coins import CoinsSegmentation, coin_instances
 
 # anomaly detection: MVTec-AD, VisA, offline textures
 from geokernels.data._io import DatasetError  # noqa: E402
