@@ -20,6 +20,7 @@ _SUBCOMMAND_MODULES = [
     "geokernels.anomaly.cli",
 
     # segment {train,eval}
+    "geokernels.segment.cli",
 
 ]
 
