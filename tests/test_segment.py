@@ -1,0 +1,252 @@
+"""geokernels segment: end-to-end training on every prior, resume, evaluation metrics against
+hand-computed cases, deterministic datasets, bad input."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from geokernels.segment import PRIORS, TrainConfig, evaluate, make_dataset, segmentation_metrics, train
+from geokernels.segment.train import CHECKPOINT_NAME
+
+TINY = dict(steps=2, batch_size=4, size=32, train_length=8, depth=1, width=4, cfss_iters=3,
+            cgpm_steps=3, checkpoint_every=1)
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_train_and_eval_each_prior(tmp_path, prior):
+    cfg = TrainConfig(dataset="shapes", prior=prior, **TINY)
+    info = train(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None)
+    ckpt = tmp_path / "run" / CHECKPOINT_NAME
+    assert ckpt.exists() and info["steps"] == 2 and len(info["history"]) == 2
+    assert all(math.isfinite(h["loss"]) for h in info["history"])
+    if prior in ("qc1", "qc2", "cf", "cfss"):
+        assert all(h["prior"] > 0 for h in info["history"])  # the prior term is really there
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    result = evaluate(str(ckpt), str(tmp_path / "eval"), length=4, progress=False)
+    assert result["refine"] == ("cgpm" if prior == "cgpm" else "none")
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["n_images"] == 4 and len(written["per_image"]) == 4
+    for key in ("dice", "iou", "hd95", "bd", "bdsd", "solidity"):
+        per = [row[key] for row in written["per_image"]]
+        assert all(math.isfinite(v) for v in per)
+        assert written["mean"][key] == pytest.approx(np.mean(per))
+    assert (tmp_path / "eval" / "metrics.md").read_text().startswith("# segment eval")
+    assert (tmp_path / "eval" / "overlays.png").exists()
+
+
+def test_cgpm_refinement_is_cgpm_of_the_logits(tmp_path):
+    from geokernels import cgpm
+    from geokernels.segment.evaluate import load_model, predict_probs
+
+    train(TrainConfig(dataset="shapes", prior="cgpm", prior_weight=2.0, **TINY), str(tmp_path),
+          progress=False)
+    model, cfg, _ = load_model(str(tmp_path / CHECKPOINT_NAME))
+    x = torch.stack([make_dataset("shapes", "test", size=32, length=2)[i][0] for i in range(2)])
+    refined = predict_probs(model, cfg, x, refine="cgpm")
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(refined, cgpm(logits, steps=3, weight=2.0))
+    assert not torch.allclose(refined, torch.sigmoid(logits))
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = TrainConfig(dataset="shapes", prior="qc2", **{**TINY, "steps": 4})
+    train(full, str(tmp_path / "a"), progress=False)
+    half = TrainConfig(dataset="shapes", prior="qc2", **TINY)  # 2 steps
+    train(half, str(tmp_path / "b"), progress=False)
+    train(full, str(tmp_path / "b"), resume=True, progress=False)
+    a = torch.load(tmp_path / "a" / CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert _state_equal(a["model"], b["model"])
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_existing_checkpoint_needs_resume_and_matching_settings(tmp_path):
+    train(TrainConfig(dataset="shapes", prior="none", **TINY), str(tmp_path), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(dataset="shapes", prior="none", **TINY), str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="prior='none' \\(now 'qc2'\\)"):
+        train(TrainConfig(dataset="shapes", prior="qc2", **TINY), str(tmp_path), resume=True,
+              progress=False)
+
+
+# ---- metrics against hand-computed cases ------------------------------------------------------
+
+def _square(r0, c0, side=4, n=10):
+    m = torch.zeros(1, 1, n, n, dtype=torch.uint8)
+    m[..., r0:r0 + side, c0:c0 + side] = 1
+    return m
+
+
+def test_metrics_identical_masks():
+    gt = _square(2, 2)
+    m = segmentation_metrics(gt, gt)
+    assert m["dice"].item() == 1.0 and m["iou"].item() == 1.0
+    assert m["hd95"].item() == 0.0 and m["bd"].item() == 0.0 and m["bdsd"].item() == 0.0
+    assert m["solidity"].item() == 1.0 and m["empty_pred"].item() == 0.0
+
+
+def test_metrics_square_shifted_by_one_column():
+    # gt rows/cols 2..5; pred cols 3..6. |P & G| = 12, |P| = |G| = 16, |P | G| = 20.
+    gt, pred = _square(2, 2), _square(2, 3)
+    m = segmentation_metrics(pred, gt)
+    assert m["dice"].item() == pytest.approx(24 / 32)
+    assert m["iou"].item() == pytest.approx(12 / 20)
+    # surfaces: 12 pixels each; 6 of each lie on the other's surface (distance 0), 6 at distance 1
+    # -> the 95th percentile of 12 zeros and 12 ones is 1
+    assert m["hd95"].item() == pytest.approx(1.0)
+    # pred's inner boundary: 6 pixels on gt's inner boundary (df 0), 4 outside gt in column 6
+    # (df 1), 2 inside gt at (3,3), (4,3) (EDT 2): BD = 8/12, BDSD = sqrt(12/12 - (8/12)^2)
+    assert m["bd"].item() == pytest.approx(8 / 12)
+    assert m["bdsd"].item() == pytest.approx(math.sqrt(1 - (8 / 12) ** 2))
+    assert m["solidity"].item() == 1.0
+
+
+def test_metrics_empty_prediction_is_a_finite_worst_case():
+    gt = _square(2, 2)
+    m = segmentation_metrics(torch.zeros_like(gt), gt)
+    diag = math.hypot(10, 10)
+    assert m["dice"].item() == 0.0 and m["empty_pred"].item() == 1.0
+    assert m["hd95"].item() == pytest.approx(diag) and m["bd"].item() == pytest.approx(diag)
+
+
+def test_metrics_concave_solidity_matches_skimage():
+    from skimage.measure import regionprops
+
+    pred = _square(2, 2, side=6)
+    pred[..., 2:5, 2:5] = 0  # an L-shape: 36 - 9 = 27 pixels
+    m = segmentation_metrics(pred, pred)
+    expected = regionprops(pred[0, 0].numpy())[0].solidity
+    assert m["solidity"].item() == pytest.approx(expected) and m["solidity"].item() < 0.95
+
+
+# ---- datasets ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["shapes", "coins"])
+def test_datasets_deterministic_by_seed(name):
+    a = make_dataset(name, "train", size=32, length=3, data_seed=5)
+    b = make_dataset(name, "train", size=32, length=3, data_seed=5)
+    c = make_dataset(name, "train", size=32, length=3, data_seed=6)
+    for i in range(3):
+        (xa, ya), (xb, yb), (xc, _) = a[i], b[i], c[i]
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert not torch.equal(xa, xc)
+        assert xa.shape == (1, 32, 32) and ya.shape == (1, 32, 32)
+        assert set(ya.unique().tolist()) <= {0.0, 1.0} and ya.sum() > 0
+    test = make_dataset(name, "test", size=32, length=3, data_seed=5)
+    assert not torch.equal(test[0][0], a[0][0])
+
+
+def test_coins_instances_and_split():
+    from geokernels.data import CoinsSegmentation, coin_instances
+
+    photo, labels = coin_instances()
+    assert photo.shape == labels.shape == (303, 384) and labels.max() == 24
+    areas = np.bincount(labels.ravel())[1:]
+    assert areas.min() > 900 and areas.max() < 3500
+    train_coins = set(CoinsSegmentation("train").coins)
+    test_coins = set(CoinsSegmentation("test").coins)
+    assert len(train_coins) == 18 and len(test_coins) == 6 and not train_coins & test_coins
+    # the centre coin fills a central blob; the crop is about 1.5-1.9 diameters wide
+    ds = CoinsSegmentation("test", size=48, augment=False)
+    image, mask = ds[0]
+    assert mask[0, 24, 24] == 1 and 0.15 < mask.mean() < 0.4
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _write_folder(root, n=3, size=(20, 20), mask_size=None, mask_values=(0, 255)):
+    from PIL import Image
+
+    os.makedirs(root / "images", exist_ok=True)
+    os.makedirs(root / "masks", exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = (rng.random(size) * 255).astype(np.uint8)
+        ms = mask_size or size
+        mask = np.full(ms, mask_values[0], np.uint8)
+        mask[ms[0] // 4: 3 * ms[0] // 4, ms[1] // 4: 3 * ms[1] // 4] = mask_values[1]
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+
+
+def test_folder_dataset_trains_and_evaluates(tmp_path):
+    _write_folder(tmp_path / "data")
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), prior="cf",
+                      **{**TINY, "train_length": None, "size": 24})
+    train(cfg, str(tmp_path / "run"), progress=False)
+    result = evaluate(str(tmp_path / "run" / CHECKPOINT_NAME), None, progress=False)
+    assert result["n_images"] == 3
+
+
+def test_folder_mask_size_mismatch_names_the_file(tmp_path):
+    _write_folder(tmp_path / "data", mask_size=(20, 18))
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), **TINY)
+    with pytest.raises(ValueError, match=r"mask .*im0\.png.* has size"):
+        train(cfg, str(tmp_path / "run"), progress=False)
+
+
+def test_folder_non_binary_mask_names_the_file(tmp_path):
+    _write_folder(tmp_path / "data", mask_values=(0, 128))
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), **TINY)
+    with pytest.raises(ValueError, match=r"mask .*im0\.png.* is not binary"):
+        train(cfg, str(tmp_path / "run"), progress=False)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "data" / "images")
+    os.makedirs(tmp_path / "data" / "masks")
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), **TINY)
+    with pytest.raises(ValueError, match="root: no images"):
+        train(cfg, str(tmp_path / "run"), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prior="convex"), "prior must be one of"),
+    (dict(base_loss="focal"), "base_loss must be one of"),
+    (dict(prior="qc2", prior_weight=-1.0), "prior_weight must be"),
+    (dict(steps=-1), "steps must be"),
+    (dict(batch_size=0), "batch_size must be"),
+    (dict(dataset="folder"), "root: --dataset folder needs --root"),
+    (dict(dataset="mnist"), "dataset must be one of"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    from geokernels.cli import main
+
+    with pytest.raises(SystemExit, match="root"):
+        main(["segment", "train", "--dataset", "folder", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["segment", "eval", "--checkpoint", str(tmp_path / "missing.pt"), "--out",
+              str(tmp_path / "e")])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="could not be read"):
+        main(["segment", "eval", "--checkpoint", str(tmp_path / "bad.pt"), "--out",
+              str(tmp_path / "e")])
+
+
+def test_cli_train_eval_roundtrip(tmp_path, capsys):
+    from geokernels.cli import main
+
+    out = tmp_path / "run"
+    assert main(["segment", "train", "--dataset", "coins", "--prior", "qc1", "--steps", "2",
+                 "--batch-size", "2", "--size", "32", "--train-length", "4", "--depth", "1",
+                 "--width", "4", "--out", str(out), "--no-progress"]) == 0
+    assert main(["segment", "eval", "--checkpoint", str(out / CHECKPOINT_NAME), "--out",
+                 str(tmp_path / "eval"), "--length", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Dice |" in printed and (tmp_path / "eval" / "overlays.png").exists()
