@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -29,9 +30,11 @@ def _base_version(v: str) -> str:
 def _load():
     global _C, _missing_reason
     try:
-        from geokernels import _C as mod  # type: ignore[attr-defined]
+        # import_module (not `from geokernels import _C`, which raises a plain ImportError) so a
+        # missing binary is told apart from one that exists but cannot load
+        mod = importlib.import_module("geokernels._C")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("geokernels._C", "_C"):
+        if exc.name != "geokernels._C":
             raise
         _missing_reason = "geokernels._C is not built"
         return
@@ -62,6 +65,18 @@ def cuda_compiled() -> bool:
 
 def extension():
     return _C
+
+
+def require_ops(*names: str) -> None:
+    """ImportError if the loaded extension lacks ops this Python tree declares: a binary built
+    from an older checkout (e.g. after a pull without rebuilding). No-op without an extension."""
+    if _C is None:
+        return
+    missing = [n for n in names if not hasattr(torch.ops.geokernels, n)]
+    if missing:
+        raise ImportError(
+            f"geokernels._C is out of date: it lacks the ops {missing} that this source tree "
+            f"uses. {REBUILD_HINT}")
 
 
 def warn_reference_fallback(op: str) -> None:

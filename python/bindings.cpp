@@ -47,12 +47,42 @@ TORCH_LIBRARY(geokernels, m) {
       "bool return_history) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
+  // (out, sources, sweeps): sources is int64 (B, C, H, W) if track_sources else empty; sweeps is a
+  // 0-dim int64 tensor on u's device (no host sync needed to return it).
+  m.def(
+      "midpoint_convexify_forward(Tensor u, float radius, int max_iters, float tol, str mode, "
+      "bool track_sources) -> (Tensor, Tensor, Tensor)");
+  m.def("midpoint_convexify_backward(Tensor grad, Tensor sources) -> Tensor");
 
   // ---- SPEC 2.1-2.2: exact distance transform, contour-flow field ----------------------------
+  // distance of every pixel to the nearest zero pixel (invert: to the nearest nonzero pixel)
+  m.def("distance_transform(Tensor mask, bool invert, bool float64, str no_background) -> Tensor");
+  // (B, C, H, W) mask -> (B, 2C, H, W) unit tangent field; channels 2c, 2c+1 belong to channel c
+  m.def("contour_flow_field(Tensor mask, bool central, bool float64) -> Tensor");
 
   // ---- SPEC 2.3-2.4: contour-flow loss, CFSS iterations -------------------------------------
 
   // ---- SPEC 3: flow-mismatching path building and reduction ----------------------------------
+  // Philox4x32-10 of N counters (N, 4) under key = seed: the raw stream of the noise (philox.h).
+  m.def("philox4x32_10(Tensor counters, int seed) -> Tensor");
+  // eps (B, K, C, H, W) exactly as the kernels regenerate it, for images image_offset + b.
+  m.def("flow_mismatch_noise(Tensor x, int seed, int image_offset, int num_paths) -> Tensor");
+  // x_t = (1 - t) eps_k + t x for paths n = b*K + k in [path_start, path_start + path_count).
+  m.def(
+      "flow_mismatch_paths(Tensor x, Tensor? noise, float t, int seed, int image_offset, "
+      "int num_paths, int path_start, int path_count) -> Tensor");
+  // delta[n] = sum_c (v[n] - (x - eps_k))^2 for paths n = path_start .. path_start + v.size(0) - 1.
+  m.def(
+      "flow_mismatch_delta(Tensor v, Tensor x, Tensor? noise, int seed, int image_offset, "
+      "int num_paths, int path_start) -> Tensor");
+  // Fused: heat += weight * agg_k delta (v holds all B*K paths); returns "non-finite seen".
+  m.def(
+      "flow_mismatch_accumulate_(Tensor(a!) heat, Tensor v, Tensor x, Tensor? noise, float weight, "
+      "int seed, int image_offset, int num_paths, int rank, bool mean) -> Tensor");
+  // heat += weight * agg_k delta[:, k] for a (B, K, H, W) delta buffer; returns "non-finite seen".
+  m.def(
+      "flow_mismatch_aggregate_(Tensor(a!) heat, Tensor delta, float weight, int rank, bool mean) "
+      "-> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

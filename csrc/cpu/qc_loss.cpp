@@ -18,6 +18,13 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kRowsPerBlock = 16;  // scratch of a backward block stays in L2
+constexpr int64_t kMinPixelsPerTask = 1 << 15;
+
+// Blocks per parallel task: small images stay on the calling thread (waking OpenMP workers
+// costs more than the work, and stalls badly when the machine is oversubscribed).
+int64_t block_grain(int64_t W) {
+  return std::max<int64_t>(1, kMinPixelsPerTask / std::max<int64_t>(1, kRowsPerBlock * W));
+}
 
 template <class S>
 Qc2Fns<S> qc2_fns() {
@@ -55,7 +62,7 @@ at::Tensor qc2_loss_forward_cpu(const at::Tensor& u_in, double margin, double be
     const auto fns = qc2_fns<scalar_t>();
     const scalar_t* up = u.data_ptr<scalar_t>();
     scalar_t* mp = map.defined() ? map.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, planes * row_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, planes * row_blocks, block_grain(W), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t plane = b / row_blocks, r0 = (b % row_blocks) * kRowsPerBlock;
         const int64_t r1 = std::min(r0 + kRowsPerBlock, H);
@@ -94,7 +101,7 @@ at::Tensor qc2_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& u_in,
       if (red == Reduction::Mean) w = w / static_cast<scalar_t>(u.numel());
     }
     scalar_t* gp = grad_u.data_ptr<scalar_t>();
-    at::parallel_for(0, planes * row_blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, planes * row_blocks, block_grain(W), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t plane = b / row_blocks, r0 = (b % row_blocks) * kRowsPerBlock;
         const int64_t r1 = std::min(r0 + kRowsPerBlock, H);

@@ -1,5 +1,8 @@
 """Datasets: offline synthetic/real-photo sets and loaders for MVTec-AD / VisA folder layouts."""
 # segmentation: synthetic shapes, real-photo masks, user folders
+from geokernels.data.folder import SegmentationFolder
+from geokernels.data.shapes import SyntheticShapes
+from geokernels.data.synthetic import notebook_shape, sector_disk_mask, signed_distance
 
 # anomaly detection: MVTec-AD, VisA, offline textures
 from geokernels.data._io import DatasetError  # noqa: E402

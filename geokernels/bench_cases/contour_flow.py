@@ -1,0 +1,96 @@
+"""Benchmark cases of the Contour Flow family (sizes from issue 4's acceptance criteria)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import geokernels
+from geokernels import reference
+from geokernels.benchmark import Case, register_case
+
+# =================================================================================================
+# Exact distance transform and contour-flow field (SPEC 2.1-2.2)
+# =================================================================================================
+
+
+@functools.lru_cache(maxsize=4)
+def _shape_masks(n: int, size: int) -> torch.Tensor:
+    """(n, 1, size, size) bool masks of the synthetic shapes set: realistic distance ranges."""
+    from geokernels.data.shapes import SyntheticShapes
+
+    ds = SyntheticShapes(n, size, seed=0, noise_std=0.0, clutter=0, occlusion_prob=0.0)
+    return torch.stack([ds[i][1] for i in range(n)]) > 0
+
+
+def _scipy_edt_step(mask: torch.Tensor):
+    """scipy.ndimage.distance_transform_edt on every plane (scipy runs on one core)."""
+    from scipy import ndimage
+
+    planes = mask.detach().cpu().numpy().reshape(-1, *mask.shape[-2:])
+
+    def step():
+        return [ndimage.distance_transform_edt(p) for p in planes]
+
+    return step
+
+
+def _with_threads(n: int, fn):
+    def step():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(saved)
+
+    return step
+
+
+@register_case
+def distance_transform_cases(device: torch.device, quick: bool):
+    n, size = (2, 128) if quick else (8, 512)
+    mask = _shape_masks(n, size).to(device)
+    shape = "x".join(map(str, mask.shape))
+
+    def make_step(impl: str, threads: int | None = None):
+        # NOTE: the "reference" row of these cases is scipy.ndimage.distance_transform_edt (one
+        # core, on a CPU copy), the external oracle the acceptance criterion names; the
+        # pure-PyTorch reference (O(HW(H+W)) min-plus) is the tests' oracle, far too slow here.
+        if impl == "reference":
+            return _scipy_edt_step(mask)
+        fn = functools.partial(geokernels.distance_transform, mask, backend=impl)
+        return _with_threads(threads, fn) if threads else fn
+
+    # bool mask in, float32 distances out
+    nbytes = mask.numel() * (1 + 4)
+    cases = [Case("distance_transform", f"{shape} bool->f32 (ref = scipy, 1 core)", make_step,
+                  nbytes=nbytes, compile_reference=False)]
+    if device.type == "cpu":
+        cases.append(Case("distance_transform", f"{shape} bool->f32, 1 thread (ref = scipy)",
+                          functools.partial(make_step, threads=1), nbytes=nbytes,
+                          compile_reference=False))
+    return cases
+
+
+@register_case
+def contour_flow_field_cases(device: torch.device, quick: bool):
+    # the pure-PyTorch reference's EDT is O(HW(H+W)): ~30 s per call for 8x1x256x256 on two
+    # loaded CPU cores, so the CPU case is smaller
+    n, size = (2, 64) if quick else ((8, 256) if device.type == "cuda" else (4, 128))
+    mask = _shape_masks(n, size).to(device)
+    shape = "x".join(map(str, mask.shape))
+
+    def make_step(impl: str):
+        if impl == "reference":  # pure PyTorch, the separable exact EDT of the reference
+            return functools.partial(reference.contour_flow_field, mask)
+        return functools.partial(geokernels.contour_flow_field, mask, backend=impl)
+
+    # bool mask in, 2 float32 maps out
+    return [Case("contour_flow_field", f"{shape} bool->f32", make_step,
+                 nbytes=mask.numel() * (1 + 2 * 4), compile_reference=False)]
+
+
+# =================================================================================================
+# Contour-flow loss and CFSS iterations (SPEC 2.3-2.4): below
+# =================================================================================================

@@ -1,0 +1,69 @@
+"""Benchmark cases of flow-mismatch scoring (issue acceptance: B=8, K=8, T=24, 3x128x128 with a
+trivial 1x1-conv velocity model, fused kernels vs the straightforward reference loop).
+
+The reference is the loop a user would write: draw the K noise tensors (torch.randn), then loop
+over T and K. The fused backends regenerate the noise inside the kernels instead. Two chunkings
+are measured: all B*K paths per model call (chunk=None, the default: fastest, model input and
+output of B*K images) and one image's K paths per call (chunk=K: the model batch of the
+reference loop, B images per call, so peak memory compares like for like).
+
+The model is a 1x1 convolution written as a channel-mixing matmul: it computes exactly
+Conv2d(C, C, 1) but allocates only its output, so the memory figures measure the scoring engine
+rather than a convolution library's internal buffers (mkldnn's blocked layouts hold ~3x the
+input for C = 3; see also `conv1x1_velocity(..., module=True)`).
+"""
+from __future__ import annotations
+
+import torch
+
+import geokernels
+from geokernels import reference
+from geokernels.benchmark import Case, register_case
+
+
+def conv1x1_velocity(channels: int, device, module: bool = False):
+    """The trivial velocity model of the acceptance test: a fixed random 1x1 convolution.
+    module=True uses torch.nn.Conv2d (same numbers, more internal memory on CPU)."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(channels, channels, generator=g) / channels).to(device)
+    bias = torch.randn(channels, generator=g).to(device)
+    if module:
+        conv = torch.nn.Conv2d(channels, channels, 1).to(device).requires_grad_(False)
+        with torch.no_grad():
+            conv.weight.copy_(weight[:, :, None, None])
+            conv.bias.copy_(bias)
+        return lambda x_t, t, cond: conv(x_t)
+
+    def model(x_t, t, cond):
+        out = torch.matmul(weight, x_t.flatten(2))  # (N, C, H*W)
+        out += bias[:, None]
+        return out.view_as(x_t)
+
+    return model
+
+
+@register_case
+def flow_mismatch_cases(device: torch.device, quick: bool):
+    B, K, T, C, H, W = (2, 4, 4, 3, 64, 64) if quick else (8, 8, 24, 3, 128, 128)
+    x = torch.rand(B, C, H, W, device=device)
+    model = conv1x1_velocity(C, device)
+    # what a fused implementation must move per call: write x_t, read v (+ x, heat: negligible)
+    nbytes = T * 2 * B * K * C * H * W * x.element_size()
+
+    def reference_step():
+        g = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn(B, K, C, H, W, generator=g, device=device)
+        return reference.flow_mismatch(model, x, K=K, T=T, noise=noise)
+
+    cases = []
+    for chunk in (None, K):
+        def make_step(impl: str, chunk=chunk):
+            if impl == "reference":
+                return reference_step
+            if impl == "compiled":
+                raise NotImplementedError("torch.compile of a K*T-step Python loop is not useful")
+            return lambda: geokernels.flow_mismatch(model, x, K=K, T=T, chunk=chunk, backend=impl)
+
+        label = (f"B{B} K{K} T{T} {C}x{H}x{W} conv1x1 chunk={'all' if chunk is None else chunk} f32")
+        cases.append(Case("flow_mismatch", label, make_step, nbytes=nbytes, compile_reference=False))
+    return cases

@@ -1,0 +1,130 @@
+"""Loader for a user's folder of image / mask pairs (segmentation).
+
+Layout::
+
+    root/
+      images/   a.png  b.jpg  ...
+      masks/    a.png  b.png  ...     (same stem as the image, plus an optional mask_suffix)
+
+Masks are read as single-channel images and must be binary: values {0, 1} or {0, 255} (or a
+single one of them). Anything else is an error, never a silent threshold, unless ``threshold``
+is given (then mask = value > threshold, on the 0..255 or 0..1 scale of the file).
+"""
+from __future__ import annotations
+
+import os
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _list_images(folder: str) -> dict[str, str]:
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")}
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Image / mask pairs from ``root/<image_dir>`` and ``root/<mask_dir>`` (torch Dataset).
+
+    Args:
+        root: the folder holding the two sub-folders.
+        image_dir, mask_dir: sub-folder names (default "images", "masks").
+        mask_suffix: the mask of ``x.png`` is ``<mask_dir>/x<mask_suffix>.<any ext>``.
+        grayscale: images as (1, H, W) (default) or RGB (3, H, W).
+        size: optional (H, W) or int: images are resized bilinearly, masks by nearest neighbour.
+        threshold: None (default: masks must be binary) or a number to binarise soft masks.
+
+    Returns per item ``(image, mask)``: image float32 (1 or 3, H, W) in [0, 1], mask float32
+    (1, H, W) of 0/1. Construction fails with ValueError for a missing or empty folder, images
+    without masks (or masks without images), and image/mask size mismatches; a non-binary mask
+    raises ValueError naming the file when it is loaded.
+    """
+
+    def __init__(self, root: str, image_dir: str = "images", mask_dir: str = "masks",
+                 mask_suffix: str = "", grayscale: bool = True, size=None,
+                 threshold: float | None = None):
+        from PIL import Image
+
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a path, got {type(root).__name__}")
+        root = os.fspath(root)
+        img_folder, mask_folder = os.path.join(root, image_dir), os.path.join(root, mask_dir)
+        for name, folder in (("image_dir", img_folder), ("mask_dir", mask_folder)):
+            if not os.path.isdir(folder):
+                raise ValueError(f"{name}: folder {folder!r} does not exist")
+        images = _list_images(img_folder)
+        masks = _list_images(mask_folder)
+        if not images:
+            raise ValueError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) in {img_folder!r}")
+        masks_by_stem = {}
+        for stem, path in masks.items():
+            if mask_suffix and not stem.endswith(mask_suffix):
+                continue
+            masks_by_stem[stem[: len(stem) - len(mask_suffix)] if mask_suffix else stem] = path
+        missing = [s for s in images if s not in masks_by_stem]
+        if missing:
+            raise ValueError(f"mask_dir: no mask for {len(missing)} image(s) in {mask_folder!r}, "
+                             f"e.g. {missing[:3]} (mask_suffix={mask_suffix!r})")
+        orphans = [s for s in masks_by_stem if s not in images]
+        if orphans:
+            raise ValueError(f"image_dir: no image for {len(orphans)} mask(s) in {img_folder!r}, "
+                             f"e.g. {orphans[:3]}")
+        self.pairs = [(images[s], masks_by_stem[s]) for s in sorted(images)]
+        for ip, mp in self.pairs:  # headers only: cheap
+            with Image.open(ip) as a, Image.open(mp) as b:
+                if a.size != b.size:
+                    raise ValueError(f"mask {mp!r} has size {b.size[::-1]} (H, W) but its image "
+                                     f"{ip!r} has {a.size[::-1]}")
+        if size is not None:
+            if isinstance(size, Integral) and not isinstance(size, bool):
+                size = (int(size), int(size))
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in size)):
+                raise ValueError(f"size must be a positive int or an (H, W) pair, got {size!r}")
+            size = (int(size[0]), int(size[1]))
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, Real)):
+            raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__}")
+        self.size = size
+        self.grayscale = bool(grayscale)
+        self.threshold = None if threshold is None else float(threshold)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load_mask(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
+        arr = arr.astype(np.float64)
+        if self.threshold is not None:
+            return (arr > self.threshold).astype(np.float32)
+        values = np.unique(arr)
+        if np.all(np.isin(values, (0.0, 1.0))):
+            return arr.astype(np.float32)
+        if np.all(np.isin(values, (0.0, 255.0))):
+            return (arr > 0).astype(np.float32)
+        raise ValueError(f"mask {path!r} is not binary: values {values[:6].tolist()}"
+                         f"{'...' if len(values) > 6 else ''}; expected {{0, 1}} or {{0, 255}} "
+                         f"(or pass threshold=...)")
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        ip, mp = self.pairs[index]
+        with Image.open(ip) as im:
+            im = im.convert("L" if self.grayscale else "RGB")
+            if self.size is not None:
+                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+        mask = self._load_mask(mp)
+        if self.size is not None:
+            mim = Image.fromarray((mask * 255).astype(np.uint8)).resize(
+                (self.size[1], self.size[0]), Image.NEAREST)
+            mask = (np.asarray(mim) > 127).astype(np.float32)
+        image = torch.from_numpy(arr.copy())
+        image = image[None] if image.dim() == 2 else image.permute(2, 0, 1).contiguous()
+        return image, torch.from_numpy(mask.copy())[None]
