@@ -76,7 +76,11 @@ def main() -> None:
             "Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME).")
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
-    define_macros = [("GEOKERNELS_TORCH_VERSION", '"%s"' % torch.__version__)]
+    # Match torch's std::string ABI explicitly (recent cpp_extension versions assume the new
+    # ABI): strings cross into libc10 in every error path, and a mismatch crashes there.
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    define_macros = [("GEOKERNELS_TORCH_VERSION", '"%s"' % torch.__version__),
+                     ("_GLIBCXX_USE_CXX11_ABI", str(abi))]
     cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]

@@ -40,7 +40,24 @@ if [ $rc -ne 0 ]; then
   stage "pip install failed (rc=$rc); trying setup.py build_ext --inplace"
   GEOKERNELS_FORCE_CUDA=1 timeout "${GK_BUILD_S:-240}" $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { stage "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
 fi
-$PY -m geokernels info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+$PY -m geokernels info > "$OUT/info.txt" 2>&1
+{
+  echo; echo "## toolchain (for diagnosing C++ runtime mismatches)"
+  echo "c++: $(command -v c++) :: $(c++ --version 2>&1 | head -1)"
+  echo "nvcc: $(command -v nvcc) :: $(nvcc --version 2>&1 | tail -1)"
+  $PY - <<'PYEOF'
+import glob, os, torch, geokernels
+so = glob.glob(os.path.join(os.path.dirname(geokernels.__file__), "_C*.so"))
+print("torch cxx11 abi:", torch._C._GLIBCXX_USE_CXX11_ABI, "| extension:", so)
+print("libstdc++ mapped:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))
+PYEOF
+} >> "$OUT/info.txt" 2>&1
+cat "$OUT/info.txt"
+
+# C++ error paths first, in their own process: a crash here must not hide the other results
+stage "error paths: raw ops reject bad input with Python exceptions"
+timeout 120 $PY -m pytest tests -q -p no:cacheprovider -k "raw_op" > "$OUT/error_paths.log" 2>&1
+stage "error paths rc=$? :: $(tail -1 "$OUT/error_paths.log")"
 
 stage "tests: CUDA and Triton (-m 'cuda or triton')"
 timeout "${GK_TEST_S:-240}" $PY -m pytest tests -m "cuda or triton" -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1

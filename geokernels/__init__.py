@@ -13,6 +13,7 @@ from geokernels.ops import qc2_loss
 # ops (SPEC 1.3-1.5)
 
 # ops (SPEC 1.6)
+from geokernels.ops import midpoint_convexify
 
 # ops (SPEC 2.1-2.2)
 from geokernels.ops import contour_flow_field, distance_transform
@@ -24,5 +25,6 @@ from geokernels.ops import cfss_iterate, contour_flow_loss
 from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap
 
 # high-level API (models, detector)
+from geokernels.models.detector import FlowMismatchDetector  # noqa: E402
 
 __all__ = [name for name in dir() if not name.startswith("_")]

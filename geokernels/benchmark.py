@@ -62,10 +62,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SLOW_STEP_S = 2.0  # a step slower than this is timed once more, not repeated
+
+
 def time_step(step: Callable[[], object], device: torch.device, min_time: float = 0.3,
               max_reps: int = 200, warmup: int = 2) -> float:
-    """Median wall time of one step in milliseconds (CUDA: device-synchronised events)."""
-    for _ in range(warmup):
+    """Median wall time of one step in milliseconds (CUDA: device-synchronised events).
+
+    Slow steps (e.g. a reference Jacobi loop taking a minute) are not repeated: after the first
+    (warm-up) call exceeds SLOW_STEP_S, one more timed call is the measurement."""
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    if time.perf_counter() - t0 > SLOW_STEP_S:
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup - 1):
         step()
     synchronize(device)
     times = []
@@ -176,9 +190,11 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
             try:
                 step = case.make_step(impl)
                 ms = time_step(step, device, min_time=min_time)
-                peak = peak_memory_mb(step, device) if memory else None
+                slow = ms > 1e3 * SLOW_STEP_S
+                peak = peak_memory_mb(step, device) if memory and not slow else None
                 rows[impl] = Result(case.op, case.label, impl, ms, peak_mb=peak,
-                                    gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None)
+                                    gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None,
+                                    note="slow: timed once, memory pass skipped" if slow and memory else "")
             except Exception as exc:  # e.g. torch.compile unsupported here: report, go on
                 rows[impl] = Result(case.op, case.label, impl, math.nan,
                                     note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")

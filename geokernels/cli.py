@@ -17,6 +17,7 @@ _SUBCOMMAND_MODULES = [
     # demo
 
     # anomaly {train,score,eval}
+    "geokernels.anomaly.cli",
 
     # segment {train,eval}
 

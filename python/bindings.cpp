@@ -35,6 +35,12 @@ TORCH_LIBRARY(geokernels, m) {
   // ---- SPEC 1.3-1.5: qc1_loss, fidelity_loss, CGPM fused steps --------------------------------
 
   // ---- SPEC 1.6: midpoint convexification ----------------------------------------------------
+  // (out, sources, sweeps): sources is int64 (B, C, H, W) if track_sources else empty; sweeps is a
+  // 0-dim int64 tensor on u's device (no host sync needed to return it).
+  m.def(
+      "midpoint_convexify_forward(Tensor u, float radius, int max_iters, float tol, str mode, "
+      "bool track_sources) -> (Tensor, Tensor, Tensor)");
+  m.def("midpoint_convexify_backward(Tensor grad, Tensor sources) -> Tensor");
 
   // ---- SPEC 2.1-2.2: exact distance transform, contour-flow field ----------------------------
   // distance of every pixel to the nearest zero pixel (invert: to the nearest nonzero pixel)

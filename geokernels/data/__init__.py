@@ -2,6 +2,7 @@
 # segmentation: synthetic shapes, real-photo masks, user folders
 from geokernels.data.folder import SegmentationFolder
 from geokernels.data.shapes import SyntheticShapes
+from geokernels.data.synthetic import notebook_shape, sector_disk_mask, signed_distance
 
 # anomaly detection: MVTec-AD, VisA, offline textures
 from geokernels.data._io import DatasetError  # noqa: E402

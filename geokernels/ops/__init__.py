@@ -5,6 +5,7 @@ from geokernels.ops.qc_loss import qc2_loss
 # SPEC 1.3-1.5 (qc1_loss, fidelity_loss, cgpm)
 
 # SPEC 1.6 (midpoint_convexify)
+from geokernels.ops.midpoint import midpoint_convexify
 
 # SPEC 2.1-2.2 (distance_transform, contour_flow_field)
 from geokernels.ops.distance import contour_flow_field, distance_transform

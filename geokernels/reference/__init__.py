@@ -5,6 +5,7 @@ from geokernels.reference.dconvex import qc2_loss, qc2_loss_map
 # SPEC 1.3-1.5
 
 # SPEC 1.6
+from geokernels.reference.midpoint import midpoint_convexify, midpoint_offsets, midpoint_sweep
 
 # SPEC 2.1-2.2
 from geokernels.reference.contour_flow import div_backward, grad_forward

@@ -1,0 +1,185 @@
+"""`geokernels anomaly train | eval | score` end to end on a fake MVTec-AD tree."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geokernels.cli import main
+
+CATEGORY = "widget"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _normal(rng, size):
+    colour = rng.uniform(0.3, 0.7, 3)
+    ramp = np.linspace(-0.1, 0.1, size)[None, :, None]
+    img = colour[None, None] + ramp + rng.normal(0, 0.02, (size, size, 3))
+    return np.clip(img, 0, 1)
+
+
+def _save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory):
+    """root/widget/{train/good, test/good, test/spot, ground_truth/spot} with 24 px PNGs."""
+    root = tmp_path_factory.mktemp("mvtec")
+    rng = np.random.default_rng(0)
+    size = 24
+    base = root / CATEGORY
+    for i in range(40):
+        _save(str(base / "train" / "good" / f"{i:03d}.png"), _normal(rng, size))
+    for i in range(6):
+        _save(str(base / "test" / "good" / f"{i:03d}.png"), _normal(rng, size))
+    for i in range(6):
+        img = _normal(rng, size)
+        mask = np.zeros((size, size), np.uint8)
+        r, c = rng.integers(2, size - 8, 2)
+        img[r:r + 6, c:c + 6] = rng.uniform(0, 1, 3)
+        mask[r:r + 6, c:c + 6] = 255
+        _save(str(base / "test" / "spot" / f"{i:03d}.png"), img)
+        os.makedirs(base / "ground_truth" / "spot", exist_ok=True)
+        Image.fromarray(mask).save(base / "ground_truth" / "spot" / f"{i:03d}_mask.png")
+    return root
+
+
+TRAIN_CONFIG = {"comment": "tiny CLI test run", "dataset": "mvtec", "image_size": 16,
+                "preset": "tiny", "base_width": 8, "channel_mults": [1, 2], "steps": 10,
+                "batch_size": 16, "lr": 5e-3, "warmup_steps": 3, "ema_decay": 0.9,
+                "checkpoint_every": 10, "holdout": 6}
+
+
+def _train_argv(root, out, config):
+    # --steps on the command line overrides the config's 10
+    return ["anomaly", "train", "--config", str(config), "--root", str(root), "--categories",
+            CATEGORY, "--steps", "30", "--device", "cpu", "--quiet", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def trained(mvtec_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = tmp_path_factory.mktemp("cfg") / "config.json"
+    config.write_text(json.dumps(TRAIN_CONFIG))
+    assert main(_train_argv(mvtec_root, out, config)) == 0
+    return out, config
+
+
+def test_train_writes_detector_checkpoint_and_log(trained):
+    out, _ = trained
+    assert sorted(os.listdir(out)) == ["detector.pt", "train.pt", "train_log.json"]
+    log = json.loads((out / "train_log.json").read_text())
+    run = log["runs"]["all"]
+    assert run["steps"] == 30 and log["mode"] == "single"
+    assert np.mean(run["last_losses"]) < np.mean(run["first_losses"])
+    options = log["metadata"]["options"]
+    assert options["steps"] == 30 and options["batch_size"] == 16 and options["image_size"] == 16
+    assert log["metadata"]["holdout"] == 6 and log["parameters_per_model"] < 100_000
+
+
+def test_train_resume_is_a_noop_when_finished(trained, mvtec_root):
+    out, config = trained
+    before = (out / "train.pt").read_bytes()
+    assert main(_train_argv(mvtec_root, out, config) + ["--resume"]) == 0
+    assert (out / "train.pt").read_bytes() == before
+
+
+def test_eval_writes_table_json_and_overlays(trained, mvtec_root, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"),
+            "--dataset", "mvtec",
+            "--root", str(mvtec_root), "--methods", "mismatch", "reconstruction",
+            "calibrated_mismatch", "-K", "2", "-T", "4", "--overlays", "2", "--device", "cpu",
+            "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+        assert metrics[key] == metrics["methods"]["mismatch"][key]
+        for method in ("mismatch", "reconstruction", "calibrated_mismatch"):
+            value = metrics["methods"][method]["categories"][CATEGORY][key]
+            assert math.isfinite(value) and 0 <= value <= 1
+    entry = metrics["categories"][CATEGORY]
+    assert entry["n_test"] == 12 and entry["n_defective"] == 6
+    assert entry["image_auroc"] >= 0.6  # the spots are obvious; a 30-step model finds most
+    assert "held out" in metrics["methods"]["calibrated_mismatch"]["categories"][CATEGORY][
+        "calibration"]
+    table = (out / "metrics.md").read_text()
+    assert "| widget | mismatch |" in table and "| **mean** | reconstruction |" in table
+    for method in ("mismatch", "reconstruction", "calibrated_mismatch"):
+        png = out / "overlays" / f"{method}_{CATEGORY}.png"
+        with Image.open(png) as im:
+            assert im.size[0] == 3 * 16 + 4 and im.size[1] == 4 * 16 + 3 * 2
+
+
+def test_score_prints_and_writes_heatmaps(trained, mvtec_root, tmp_path, capsys):
+    good = mvtec_root / CATEGORY / "test" / "good" / "000.png"
+    bad = mvtec_root / CATEGORY / "test" / "spot" / "000.png"
+    out = tmp_path / "scores"
+    assert main(["anomaly", "score", str(good), str(bad), "--checkpoint",
+                 str(trained[0] / "detector.pt"), "-K", "2", "-T", "4", "--device", "cpu",
+                 "--quiet", "--out", str(out)]) == 0
+    lines = [l.split("\t") for l in capsys.readouterr().out.strip().splitlines()]
+    assert [l[1] for l in lines] == [str(good), str(bad)]
+    assert all(math.isfinite(float(l[0])) for l in lines)
+    data = json.loads((out / "scores.json").read_text())
+    assert len(data["scores"]) == 2
+    assert np.load(out / "000_heatmap.npy").shape == (16, 16)
+    assert (out / "000_heatmap.png").exists()
+
+
+def test_cli_errors(trained, mvtec_root, tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["anomaly", "eval", "--checkpoint", str(tmp_path / "missing.pt"), "--dataset",
+              "mvtec", "--root", str(mvtec_root), "--out", str(tmp_path / "e")])
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage" * 50)
+    with pytest.raises(SystemExit, match="corrupt"):
+        main(["anomaly", "score", str(mvtec_root / CATEGORY / "test" / "good" / "000.png"),
+              "--checkpoint", str(tmp_path / "corrupt.pt")])
+    bad_config = tmp_path / "bad.json"
+    bad_config.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(SystemExit, match="stepz"):
+        main(["anomaly", "train", "--config", str(bad_config), "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="neither a file"):
+        main(["anomaly", "train", "--config", "no-such-config", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="needs --root"):
+        main(["anomaly", "train", "--dataset", "visa", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="needs --root"):
+        main(["anomaly", "train", "--dataset", "mvtec", "--categories", "x", "--out",
+              str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["anomaly", "score", str(tmp_path / "nope.png"), "--checkpoint",
+              str(trained[0] / "detector.pt")])
+    empty = tmp_path / "empty_root"
+    (empty / "thing" / "train" / "good").mkdir(parents=True)
+    (empty / "thing" / "test" / "good").mkdir(parents=True)
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError), match="(?i)empty|no image"):
+        main(["anomaly", "train", "--dataset", "mvtec", "--root", str(empty), "--categories",
+              "thing", "--steps", "1", "--quiet", "--out", str(tmp_path / "t2")])
+
+
+def test_shipped_training_config_is_valid():
+    import argparse
+
+    from geokernels.anomaly import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["anomaly", "train", "--config", "textures", "--steps", "7",
+                              "--out", "x"])
+    cli._apply_config(args)
+    assert args.dataset == "textures" and args.preset == "tiny" and args.mode == "conditional"
+    assert args.steps == 7  # an explicit flag wins over the config
+    assert os.path.basename(cli.config_path("textures")) == "train_textures.json"
