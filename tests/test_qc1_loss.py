@@ -146,6 +146,15 @@ def test_opcheck_triton():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_double_backward_is_refused_not_wrong():
+    u = torch.rand(1, 1, 6, 7, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        loss = geokernels.qc1_loss(u, window=3, reduction=reduction, backend="cpu").sum()
+        with pytest.raises(RuntimeError):  # when the graph is built or when it is used
+            (g,) = torch.autograd.grad(loss, u, create_graph=True)
+            g.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     u = torch.rand(2, 1, 19, 17, requires_grad=True)
     f = torch.compile(lambda x: geokernels.qc1_loss(x, window=5, backend="cpu") * 2, fullgraph=True)

@@ -38,16 +38,15 @@ def _flow_field_scipy(mask: torch.Tensor) -> torch.Tensor:
 
 
 def ground_truth_flow(mask: torch.Tensor) -> torch.Tensor:
-    """Contour flow of a binary mask (SPEC 2.2), (B, C, H, W) -> (B, 2C, H, W).
-
-    Uses ``geokernels.contour_flow_field`` when the library has it, else scipy's EDT.
-    """
+    """Contour flow of a mask (SPEC 2.2), (B, C, H, W) -> (B, 2C, H, W) float32; the mask is
+    binarised at 0.5. Uses the fused ``geokernels.contour_flow_field`` (scipy's EDT as a fallback
+    for builds without it)."""
     import geokernels
 
     field = getattr(geokernels, "contour_flow_field", None)
     if field is not None:
-        return field(mask)
-    return _flow_field_scipy(mask)
+        return field(mask, threshold=0.5)
+    return _flow_field_scipy(mask).to(torch.float32)
 
 
 def _unpack(batch):

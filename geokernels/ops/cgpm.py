@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
@@ -131,6 +132,7 @@ class _FusedUnroll(torch.autograd.Function):
         return o.clone() if steps == 0 else o, hist
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, adj_o, _adj_hist):
         u0, *saved = ctx.saved_tensors
         settings = ctx.settings

@@ -165,7 +165,14 @@ def _qc1_setup_context(ctx, inputs, output):
     ctx.args = inputs[1:]
 
 
+def _refuse_double_backward():
+    if torch.is_grad_enabled():  # create_graph=True: the closed-form backward is not differentiable
+        raise RuntimeError("qc1_loss: double backward is not supported by the fused kernels; "
+                           "use backend='torch' to differentiate its gradient")
+
+
 def _qc1_backward(ctx, grad):
+    _refuse_double_backward()
     (u,) = ctx.saved_tensors
     grad_u = torch.ops.geokernels.qc1_loss_backward(grad, u, *ctx.args)
     return (grad_u,) + (None,) * len(ctx.args)
@@ -181,6 +188,7 @@ def _qc1_value_and_grad_setup_context(ctx, inputs, output):
 
 
 def _qc1_value_and_grad_backward(ctx, grad_loss, _grad_of_grad):
+    _refuse_double_backward()
     (grad_u,) = ctx.saved_tensors
     return grad_loss * grad_u, None, None
 

@@ -483,6 +483,9 @@ def _qc1_setup_context(ctx, inputs, output):
 
 
 def _qc1_backward(ctx, grad):
+    if torch.is_grad_enabled():  # create_graph=True: the closed-form backward is not differentiable
+        raise RuntimeError("qc1_loss: double backward is not supported by the Triton kernels; "
+                           "use backend='torch' to differentiate its gradient")
     (u,) = ctx.saved_tensors
     return (qc1_loss_backward(grad, u, *ctx.args),) + (None,) * len(ctx.args)
 
