@@ -250,3 +250,22 @@ def test_cli_train_eval_roundtrip(tmp_path, capsys):
                  str(tmp_path / "eval"), "--length", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| Dice |" in printed and (tmp_path / "eval" / "overlays.png").exists()
+
+
+def test_results_table(tmp_path):
+    from geokernels.segment.table import run_table
+
+    settings = {k: v for k, v in TINY.items() if k != "checkpoint_every"}
+    result = run_table(str(tmp_path), datasets=("shapes",), priors=("none", "cgpm", "qc2"),
+                       seeds=(0,), command="geokernels segment table ...", progress=False,
+                       log=lambda *_: None, **settings)
+    table = result["table"]["shapes"]
+    assert list(table) == ["none", "cgpm", "qc2"] and table["none"]["dice"][2] == 1
+    md = (tmp_path / "results.md").read_text()
+    assert "| cgpm | 1 |" in md and "geokernels segment table ..." in md
+    # the cgpm row refines the "none" model: no second network is trained
+    assert not (tmp_path / "shapes" / "cgpm" / "seed0" / CHECKPOINT_NAME).exists()
+    # collecting again trains nothing and gives the same table
+    again = run_table(str(tmp_path), datasets=("shapes",), priors=("none", "cgpm", "qc2"),
+                      seeds=(0, 1), progress=False, collect_only=True, **settings)
+    assert again["table"]["shapes"] == table

@@ -100,7 +100,8 @@ def _table(args) -> int:
             argv += ["--" + key.replace("_", "-"), str(value)]
     try:
         result = run_table(args.out, datasets=args.datasets, priors=args.priors, seeds=args.seeds,
-                           command=command_line(argv), progress=not args.no_progress, **kwargs)
+                           command=command_line(argv), progress=not args.no_progress,
+                           collect_only=args.collect_only, **kwargs)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     from geokernels.segment.table import format_table
@@ -155,5 +156,7 @@ def add_parser(sub) -> None:
     p.add_argument("--datasets", nargs="+", default=["shapes", "coins"], choices=("shapes", "coins"))
     p.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--collect-only", action="store_true",
+                   help="train nothing: tabulate the runs already in --out")
     _add_model_args(p, defaults)
     p.set_defaults(func=_table)

@@ -29,12 +29,15 @@ def _run_dir(out_dir, dataset, prior, seed):
 
 def run_table(out_dir: str, *, datasets=("shapes", "coins"),
               priors=("none", "qc1", "qc2", "cgpm", "cf", "cfss"), seeds=(0, 1, 2),
-              command: str | None = None, progress: bool = True, log=print, **train_kwargs) -> dict:
+              command: str | None = None, progress: bool = True, log=print,
+              collect_only: bool = False, **train_kwargs) -> dict:
     """Train/evaluate every (dataset, prior, seed); write ``results.md`` / ``results.json``.
 
     ``train_kwargs`` are :class:`geokernels.segment.TrainConfig` fields shared by all runs
-    (steps, batch_size, size, width, depth, lr, train_length, base_loss, ...). Returns the
-    results dict (per run and aggregated)."""
+    (steps, batch_size, size, width, depth, lr, train_length, base_loss, ...). With
+    ``collect_only`` nothing is trained: the runs already under ``out_dir`` are tabulated (e.g.
+    after running datasets or seeds in separate processes into one folder). Returns the results
+    dict (per run and aggregated)."""
     from geokernels.segment.evaluate import evaluate
     from geokernels.segment.train import TrainConfig, train
 
@@ -48,6 +51,8 @@ def run_table(out_dir: str, *, datasets=("shapes", "coins"),
                 if os.path.exists(metrics_path):
                     with open(metrics_path) as fh:
                         runs.append(json.load(fh))
+                    continue
+                if collect_only:
                     continue
                 t0 = time.perf_counter()
                 if prior == "cgpm":  # CGPM refinement of the "none" model
