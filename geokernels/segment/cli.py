@@ -18,19 +18,20 @@ import argparse
 def _add_model_args(p, defaults):
     p.add_argument("--base-loss", default=defaults.base_loss, choices=("bce", "dice", "bce+dice"),
                    help="base segmentation loss (default %(default)s)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default %(default)s)")
-    p.add_argument("--size", type=int, default=defaults.size, help="image side in pixels (default %(default)s)")
+    for flag, kind, help_text in (
+            ("--steps", int, "optimiser steps"), ("--batch-size", int, "images per step"),
+            ("--lr", float, "Adam learning rate"), ("--size", int, "image side in pixels"),
+            ("--depth", int, "U-Net down-samplings"), ("--width", int, "U-Net first-level channels"),
+            ("--cfss-iters", int, "CFSS iterations (prior cfss)"),
+            ("--cfss-sigma", float, "CFSS Gaussian sigma (prior cfss)"),
+            ("--cgpm-steps", int, "CGPM steps at evaluation (prior cgpm)")):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default %(default)s)")
     p.add_argument("--train-length", type=int, default=None,
                    help="training images (default: shapes 512, coins 360 crops, folder all)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--depth", type=int, default=defaults.depth, help="U-Net down-samplings (default %(default)s)")
-    p.add_argument("--width", type=int, default=defaults.width, help="U-Net first-level channels (default %(default)s)")
-    p.add_argument("--norm", default=defaults.norm, choices=("batch", "instance", "group", "none"))
-    p.add_argument("--cfss-iters", type=int, default=defaults.cfss_iters, help="CFSS iterations (default %(default)s)")
-    p.add_argument("--cfss-sigma", type=float, default=defaults.cfss_sigma, help="CFSS Gaussian sigma (default %(default)s)")
-    p.add_argument("--cgpm-steps", type=int, default=defaults.cgpm_steps, help="CGPM steps at eval (default %(default)s)")
+    p.add_argument("--norm", default=defaults.norm, choices=("batch", "instance", "group", "none"),
+                   help="U-Net normalisation (default %(default)s)")
     p.add_argument("--backend", default="auto", help="op backend: auto|cuda|triton|cpu|torch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None,
