@@ -258,7 +258,7 @@ def test_results_table(tmp_path):
     settings = {k: v for k, v in TINY.items() if k != "checkpoint_every"}
     result = run_table(str(tmp_path), datasets=("shapes",), priors=("none", "cgpm", "qc2"),
                        seeds=(0,), command="geokernels segment table ...", progress=False,
-                       log=lambda *_: None, **settings)
+                       log=lambda *_: None, eval_length=4, **settings)
     table = result["table"]["shapes"]
     assert list(table) == ["none", "cgpm", "qc2"] and table["none"]["dice"][2] == 1
     md = (tmp_path / "results.md").read_text()

@@ -30,14 +30,16 @@ def _run_dir(out_dir, dataset, prior, seed):
 def run_table(out_dir: str, *, datasets=("shapes", "coins"),
               priors=("none", "qc1", "qc2", "cgpm", "cf", "cfss"), seeds=(0, 1, 2),
               command: str | None = None, progress: bool = True, log=print,
-              collect_only: bool = False, **train_kwargs) -> dict:
+              collect_only: bool = False, eval_length: int | None = None,
+              **train_kwargs) -> dict:
     """Train/evaluate every (dataset, prior, seed); write ``results.md`` / ``results.json``.
 
     ``train_kwargs`` are :class:`geokernels.segment.TrainConfig` fields shared by all runs
     (steps, batch_size, size, width, depth, lr, train_length, base_loss, ...). With
     ``collect_only`` nothing is trained: the runs already under ``out_dir`` are tabulated (e.g.
     after running datasets or seeds in separate processes into one folder). Returns the results
-    dict (per run and aggregated)."""
+    dict (per run and aggregated). ``eval_length`` limits the test images (default: the
+    dataset's test split)."""
     from geokernels.segment.evaluate import evaluate
     from geokernels.segment.train import TrainConfig, train
 
@@ -60,7 +62,8 @@ def run_table(out_dir: str, *, datasets=("shapes", "coins"),
                     if not os.path.exists(ckpt):
                         cfg = TrainConfig(dataset=dataset, prior="none", seed=seed, **train_kwargs)
                         train(cfg, os.path.dirname(ckpt), progress=progress, log=log)
-                    result = evaluate(ckpt, None, refine="cgpm", progress=progress)
+                    result = evaluate(ckpt, None, refine="cgpm", length=eval_length,
+                                      progress=progress)
                     train_seconds = None
                 else:
                     cfg = TrainConfig(dataset=dataset, prior=prior, seed=seed, **train_kwargs)
@@ -68,7 +71,7 @@ def run_table(out_dir: str, *, datasets=("shapes", "coins"),
                     resume = os.path.exists(ckpt)
                     info = train(cfg, run_dir, resume=resume, progress=progress, log=log)
                     train_seconds = info["seconds"]
-                    result = evaluate(ckpt, None, progress=progress)
+                    result = evaluate(ckpt, None, length=eval_length, progress=progress)
                 result.update(prior=prior, seed=seed, train_seconds=train_seconds,
                               seconds=time.perf_counter() - t0)
                 os.makedirs(run_dir, exist_ok=True)
