@@ -225,6 +225,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
+        if cfg.steps < start:
+            raise ValueError(f"steps: the checkpoint is already at step {start}; pass --steps >= "
+                             f"{start} to continue it (got {cfg.steps})")
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(cfg.as_dict(), fh, indent=2)
 
