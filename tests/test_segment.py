@@ -263,6 +263,9 @@ def test_results_table(tmp_path):
     assert list(table) == ["none", "cgpm", "qc2"] and table["none"]["dice"][2] == 1
     md = (tmp_path / "results.md").read_text()
     assert "| cgpm | 1 |" in md and "geokernels segment table ..." in md
+    delta = result["deltas_vs_none"]["shapes"]["qc2"]["dice"]
+    assert delta[0] == pytest.approx(table["qc2"]["dice"][0] - table["none"]["dice"][0])
+    assert "Paired differences vs no prior" in md
     # the cgpm row refines the "none" model: no second network is trained
     assert not (tmp_path / "shapes" / "cgpm" / "seed0" / CHECKPOINT_NAME).exists()
     # collecting again trains nothing and gives the same table

@@ -107,7 +107,7 @@ def _table(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     from geokernels.segment.table import format_table
 
-    print(format_table(result["table"], result["command"]))
+    print(format_table(result["table"], result["command"], deltas=result["deltas_vs_none"]))
     return 0
 
 

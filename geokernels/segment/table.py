@@ -100,7 +100,27 @@ def aggregate(runs, datasets, priors) -> dict:
     return table
 
 
-def format_table(table: dict, command: str | None = None, settings: dict | None = None) -> str:
+def paired_differences(runs, datasets, priors, baseline: str = "none") -> dict:
+    """{dataset: {prior: {metric: (mean, std, n)}}} of the per-seed differences prior - baseline
+    (same seed: same initial weights, batches and test images), for priors other than baseline."""
+    out = {}
+    for d in datasets:
+        base = {r["seed"]: r["mean"] for r in runs if r["dataset"] == d and r["prior"] == baseline}
+        for p in priors:
+            if p == baseline:
+                continue
+            pairs = [(r["mean"], base[r["seed"]]) for r in runs
+                     if r["dataset"] == d and r["prior"] == p and r["seed"] in base]
+            if pairs:
+                out.setdefault(d, {})[p] = {
+                    k: (float(np.mean([a[k] - b[k] for a, b in pairs])),
+                        float(np.std([a[k] - b[k] for a, b in pairs])), len(pairs))
+                    for k in TABLE_METRICS}
+    return out
+
+
+def format_table(table: dict, command: str | None = None, settings: dict | None = None,
+                 deltas: dict | None = None) -> str:
     titles = {"dice": "Dice ↑", "iou": "IoU ↑", "hd95": "HD95 ↓", "bd": "BD ↓",
               "solidity": "solidity"}
     lines = ["# Segmentation with shape priors: results", ""]
@@ -119,6 +139,15 @@ def format_table(table: dict, command: str | None = None, settings: dict | None 
             lines.append(f"| {p} | {n} | " + " | ".join(
                 f"{vals[k][0]:.4f} ± {vals[k][1]:.4f}" for k in TABLE_METRICS) + " |")
         lines.append("")
+        if deltas and d in deltas:
+            lines += [f"Paired differences vs no prior ({d}; prior − none on the same seed, "
+                      "mean ± std over seeds):", "",
+                      "| prior | seeds | " + " | ".join("Δ " + titles[k] for k in TABLE_METRICS)
+                      + " |", "|---|---:|" + "---:|" * len(TABLE_METRICS)]
+            for p, vals in deltas[d].items():
+                lines.append(f"| {p} | {vals['dice'][2]} | " + " | ".join(
+                    f"{vals[k][0]:+.4f} ± {vals[k][1]:.4f}" for k in TABLE_METRICS) + " |")
+            lines.append("")
     lines += ["HD95, BD in pixels (an empty prediction counts as the image diagonal). Solidity = "
               "area / convex-hull area of the predicted mask (1 = convex).", ""]
     return "\n".join(lines)
@@ -126,14 +155,15 @@ def format_table(table: dict, command: str | None = None, settings: dict | None 
 
 def _write(out_dir, runs, datasets, priors, seeds, command, train_kwargs) -> dict:
     table = aggregate(runs, datasets, priors)
+    deltas = paired_differences(runs, datasets, priors)
     settings = dict(train_kwargs)
     settings["seeds"] = list(seeds)
-    result = {"command": command, "settings": settings, "table": table,
+    result = {"command": command, "settings": settings, "table": table, "deltas_vs_none": deltas,
               "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in runs]}
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as fh:
-        fh.write(format_table(table, command, settings))
+        fh.write(format_table(table, command, settings, deltas))
     return result
 
 
