@@ -140,7 +140,7 @@ def test_float32_two_x_rule(device, backend, iters):
 @pytest.mark.parametrize("device,backend", backend_device_params("cfss_iterate"))
 def test_checkpoint_modes_give_identical_gradients(device, backend):
     tiny = backend == "triton" and device == "cpu"
-    shape, iters = ((1, 1, 6, 7), 5) if tiny else ((2, 1, 21, 18), 23)
+    shape, iters = ((1, 1, 5, 6), 3) if tiny else ((2, 1, 21, 18), 23)
     o = torch.randn(shape, dtype=torch.float32, device=device) * 2
     T = _field(shape, torch.float32, device)
     results = []

@@ -120,7 +120,7 @@ def test_cfssnet_training_step_reduces_loss():
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     batch = {"image": image, "mask": mask, "flow": ground_truth_flow(mask)}
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         opt.zero_grad()
         loss, _ = net.loss(batch)
         loss.backward()

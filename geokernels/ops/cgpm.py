@@ -241,4 +241,5 @@ def _cgpm_steps_fake(o, m, v, u0, first_step, steps, lr, beta1, beta2, adam_eps,
 
 
 if _extension.compiled():
+    _extension.require_ops("cgpm_steps")
     torch.library.register_fake("geokernels::cgpm_steps")(_cgpm_steps_fake)

@@ -194,6 +194,7 @@ def _qc1_value_and_grad_backward(ctx, grad_loss, _grad_of_grad):
 
 
 if _extension.compiled():
+    _extension.require_ops("qc1_loss_forward", "qc1_loss_backward", "qc1_loss_value_and_grad")
     torch.library.register_fake("geokernels::qc1_loss_value_and_grad")(_qc1_value_and_grad_fake)
     torch.library.register_autograd(
         "geokernels::qc1_loss_value_and_grad", _qc1_value_and_grad_backward,
