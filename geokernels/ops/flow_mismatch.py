@@ -394,7 +394,9 @@ def anomaly_score(heatmap: torch.Tensor, mode: str = "max+topk", topk: float = 0
     topk = check_real(topk, "topk", min_value=0.0, min_inclusive=False, max_value=1.0)
     _checks.check_finite(heatmap, "heatmap")
     flat = heatmap.reshape(-1, heatmap.shape[-2] * heatmap.shape[-1])
-    k = max(1, math.ceil(Fraction(str(topk)) * flat.shape[1]))
+    # ceil(topk * HW) in integers: exact, and traceable when HW is symbolic (torch.compile)
+    frac = Fraction(str(topk))
+    k = max(1, -((-frac.numerator * flat.shape[1]) // frac.denominator))
     mx = flat.amax(dim=1)
     if mode == "max":
         out = mx
