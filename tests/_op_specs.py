@@ -40,6 +40,7 @@ class TensorArg:
     channel_dim: int | None = 1   # None: the argument has no channel dimension
     batch_dim: int = 0
     legal_ranks: tuple = ()       # ranks accepted besides len(shape)
+    channel_factor: int = 1       # channels = factor * C of the first tensor (flows: 2C)
 
     def wrong_ranks(self) -> list[int]:
         """The nearest illegal ranks below and above the legal one(s)."""
@@ -136,6 +137,15 @@ def _noise_reference(x, **params):
 def _strip_backend(fn):
     def call(*tensors, **params):
         params.pop("backend", None)
+        return fn(*tensors, **params)
+
+    return call
+
+
+def _drop(fn, *names):
+    def call(*tensors, **params):
+        for name in names:
+            params.pop(name, None)
         return fn(*tensors, **params)
 
     return call
@@ -396,6 +406,78 @@ def _specs() -> list[OpSpec]:
                           ("topk_mean", dict(mode="topk_mean", topk=0.3))],
         ),
     ]
+    if hasattr(geokernels, "contour_flow_loss"):
+        specs.append(OpSpec(
+            name="contour_flow_loss",
+            call=lambda x, f, **p: geokernels.contour_flow_loss(
+                x, f, **dict(dict(reduction="none"), **p)),
+            reference=_drop(lambda x, f, **p: reference.contour_flow_loss(
+                x, f, **dict(dict(reduction="none"), **p)), "backend"),
+            tensors=[TensorArg("logits", (2, 2, 5, 6), normal),
+                     TensorArg("flow", (2, 4, 5, 6), normal, channel_factor=2)],
+            differentiable=True,
+            backend_op="contour_flow_loss",
+            backends=("cpu", "triton"),
+            bad_shapes=[
+                ("flow_channels_not_2C", [(2, 2, 5, 6), (2, 3, 5, 6)], ValueError, "flow"),
+                ("flow_other_size", [(2, 2, 5, 6), (2, 4, 5, 7)], ValueError, "flow"),
+                ("flow_other_batch", [(2, 2, 5, 6), (1, 4, 5, 6)], ValueError, "flow"),
+            ],
+            bad_params=[
+                ("eps_zero", dict(eps=0.0), ValueError, "eps"),
+                ("eps_negative", dict(eps=-1.0), ValueError, "eps"),
+                ("eps_nan", dict(eps=_NAN), ValueError, "eps"),
+                ("reduction", dict(reduction="max"), ValueError, "reduction"),
+                ("backend", dict(backend="metal"), ValueError, "backend"),
+            ],
+            legal_params=[("mean", dict(reduction="mean")), ("sum", dict(reduction="sum")),
+                          ("eps_large", dict(eps=0.5))],
+            legal_shapes=[("one_channel", [(3, 1, 4, 7), (3, 2, 4, 7)])],
+        ))
+    if hasattr(geokernels, "cfss_iterate"):
+        specs.append(OpSpec(
+            name="cfss_iterate",
+            # 3 iterations keep the reference loop cheap; iters is varied by legal_params
+            call=lambda o, t, **p: geokernels.cfss_iterate(o, t, **dict(dict(iters=3), **p)),
+            reference=_drop(lambda o, t, **p: reference.cfss_iterate(
+                o, t, **dict(dict(iters=3), **p)), "backend", "checkpoint"),
+            tensors=[TensorArg("o", (2, 1, 5, 6), normal),
+                     TensorArg("T", (2, 2, 5, 6), normal, channel_factor=2)],
+            differentiable=True,
+            rtol_factor=10,  # unrolled iterations
+            backend_op="cfss_iterate",
+            backends=("cpu",),
+            bad_shapes=[
+                ("T_channels_not_2C", [(2, 1, 5, 6), (2, 1, 5, 6)], ValueError, "T"),
+                ("T_other_size", [(2, 1, 5, 6), (2, 2, 6, 6)], ValueError, "T"),
+            ],
+            bad_params=[
+                ("iters_negative", dict(iters=-1), ValueError, "iters"),
+                ("iters_float", dict(iters=1.5), TypeError, "iters"),
+                ("halfsize_negative", dict(halfsize=-1), ValueError, "halfsize"),
+                ("eps_zero", dict(eps=0.0), ValueError, "eps"),
+                ("eps_negative", dict(eps=-1.0), ValueError, "eps"),
+                ("sigma_zero", dict(sigma=0.0), ValueError, "sigma"),
+                ("sigma_negative", dict(sigma=-2.0), ValueError, "sigma"),
+                ("tau_nan", dict(tau=_NAN), ValueError, "tau"),
+                ("lam_inf", dict(lam=_INF), ValueError, "lam"),
+                ("lam_str", dict(lam="1"), TypeError, "lam"),
+                ("q_nonneg_int", dict(q_nonneg=1), TypeError, "q_nonneg"),
+                ("checkpoint_unknown", dict(checkpoint="never"), ValueError, "checkpoint"),
+                ("checkpoint_zero", dict(checkpoint=0), ValueError, "checkpoint"),
+                ("checkpoint_float", dict(checkpoint=1.5), TypeError, "checkpoint"),
+                ("backend", dict(backend="metal"), ValueError, "backend"),
+            ],
+            legal_params=[
+                ("iters_zero", dict(iters=0)), ("iters_one", dict(iters=1)),
+                ("q_nonneg", dict(q_nonneg=True)), ("halfsize_zero", dict(halfsize=0)),
+                ("scalars", dict(eps=0.5, tau=0.3, lam=2.0, sigma=1.5)),
+                ("checkpoint_store", dict(checkpoint="store")),
+                ("checkpoint_recompute", dict(checkpoint="recompute", iters=5)),
+                ("checkpoint_every_2", dict(checkpoint=2, iters=5)),
+            ],
+            legal_shapes=[("two_classes", [(1, 2, 4, 7), (1, 4, 4, 7)])],
+        ))
     return specs
 
 

@@ -27,7 +27,7 @@ def _shape(arg, B, C, H, W):
         return (B, arg.shape[1], C, H, W)
     if len(arg.shape) == 3:  # (B, H, W) maps
         return (B, H, W)
-    return (B, C, H, W)
+    return (B, C * arg.channel_factor, H, W)
 
 
 @st.composite
