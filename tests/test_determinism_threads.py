@@ -195,6 +195,15 @@ OPCHECKED_ELSEWHERE = {
                                                        "tmp.midpoint_convexify_backward"),
     "geokernels_triton::flow_mismatch_paths": ("test_flow_mismatch.py", "tfm.paths"),
     "geokernels_triton::flow_mismatch_accumulate_": ("test_flow_mismatch.py", "tfm.accumulate_"),
+    "geokernels::contour_flow_loss_forward": ("test_contour_flow_loss.py",
+                                              "contour_flow_loss_forward.default"),
+    "geokernels::contour_flow_loss_backward": ("test_contour_flow_loss.py",
+                                               "contour_flow_loss_backward.default"),
+    "geokernels::cfss_forward": ("test_cfss.py", "cfss_forward.default"),
+    "geokernels::cfss_backward": ("test_cfss.py", "cfss_backward.default"),
+    "geokernels_triton::contour_flow_loss_forward": ("test_contour_flow_loss.py",
+                                                     "tcf.contour_flow_loss_forward"),
+    "geokernels_triton::cfss_forward": ("test_cfss.py", "tcfss.cfss_forward"),
 }
 # ops without tensor arguments: nothing for opcheck to check
 NO_TENSORS = {"geokernels::cuda_compiled"}
@@ -206,7 +215,7 @@ def _triton_samples():
 
     x = torch.rand(1, 1, 3, 4)
     u = torch.rand(1, 1, 5, 6, dtype=torch.float64)
-    return {
+    samples = {
         "geokernels_triton::flow_mismatch_noise": (tfm.noise, (x, 3, 0, 2)),
         "geokernels_triton::flow_mismatch_delta": (tfm.delta, (torch.rand(2, 1, 3, 4), x, None,
                                                                1, 0, 2, 0)),
@@ -215,6 +224,20 @@ def _triton_samples():
         "geokernels_triton::qc2_loss_backward": (tq.qc2_loss_backward, (
             torch.rand((), dtype=torch.float64), u, 1e-3, 1.0, 1e-8, 1e-5, "softplus", "mean")),
     }
+    try:  # the contour-flow family (cfss branch)
+        from geokernels.triton import cfss as tcfss
+        from geokernels.triton import contour_flow as tcf
+    except ImportError:
+        return samples
+    logits = torch.randn(1, 1, 5, 6, dtype=torch.float64)
+    flow = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    samples["geokernels_triton::contour_flow_loss_backward"] = (tcf.contour_flow_loss_backward, (
+        torch.rand_like(logits), logits, flow, 1e-8, "none"))
+    params = torch.tensor([0.9, 1.1, 1.0, 2.0], dtype=torch.float64)
+    _, states = tcfss.cfss_forward(logits, flow, params, 2, 1, False, 1, True)
+    samples["geokernels_triton::cfss_backward"] = (tcfss.cfss_backward, (
+        torch.randn_like(logits), logits, flow, params, states, 2, 1, False, 1))
+    return samples
 
 
 @pytest.mark.triton
@@ -229,10 +252,14 @@ def test_opcheck_triton_ops_not_checked_elsewhere():
 
 
 def test_every_registered_op_has_an_opcheck():
-    import geokernels.triton  # noqa: F401  (registers geokernels_triton ops when importable)
+    import importlib
+    import pkgutil
 
-    try:
-        from geokernels.triton import flow_mismatch, midpoint, qc_loss  # noqa: F401
+    try:  # every Triton module registers its geokernels_triton ops on import
+        import geokernels.triton as triton_pkg
+
+        for info in pkgutil.iter_modules(triton_pkg.__path__):
+            importlib.import_module(f"geokernels.triton.{info.name}")
         triton_ops = ["geokernels_triton::" + n for n in _registered("geokernels_triton")]
         here = set(_triton_samples())
     except ImportError:
