@@ -70,6 +70,8 @@ class OpSpec:
     backend_params: dict = field(default_factory=dict)  # backend -> params keeping it cheap
     # the op's registered name in geokernels._backend (for the backend list); None: pure torch
     backend_op: str | None = None
+    # all tensors must share the first one's dtype (else TypeError naming the second)
+    same_dtype: bool = False
 
 
 # ---- value makers --------------------------------------------------------------------------------
@@ -406,6 +408,64 @@ def _specs() -> list[OpSpec]:
                           ("topk_mean", dict(mode="topk_mean", topk=0.3))],
         ),
     ]
+    if hasattr(geokernels, "qc1_loss"):  # the D-Convexity losses (dconvex-losses branch)
+        specs.append(OpSpec(
+            name="qc1_loss",
+            call=lambda u, **p: geokernels.qc1_loss(u, **dict(dict(window=3, reduction="none"), **p)),
+            reference=_drop(lambda u, **p: reference.qc1_loss(
+                u, **dict(dict(window=3, reduction="none"), **p)), "backend"),
+            tensors=[TensorArg("u", IMAGE, uniform)],
+            differentiable=True,
+            backend_op="qc1_loss",
+            bad_params=[
+                ("window_even", dict(window=4), ValueError, "window"),
+                ("window_zero", dict(window=0), ValueError, "window"),
+                ("window_negative", dict(window=-3), ValueError, "window"),
+                ("window_float", dict(window=3.0), TypeError, "window"),
+                ("reduction", dict(reduction="max"), ValueError, "reduction"),
+                ("backend", dict(backend="metal"), ValueError, "backend"),
+            ],
+            legal_params=[("window_one", dict(window=1)), ("window_seven", dict(window=7)),
+                          ("mean", dict(reduction="mean")), ("sum", dict(reduction="sum"))],
+            legal_shapes=[("one_row", [(1, 2, 1, 9)]), ("one_column", [(2, 1, 8, 1)])],
+        ))
+    if hasattr(geokernels, "fidelity_loss"):
+        specs.append(OpSpec(
+            name="fidelity_loss",
+            call=lambda u, u0, **p: geokernels.fidelity_loss(u, u0, **p),
+            reference=lambda u, u0, **p: reference.fidelity_loss(u, u0, **p),
+            tensors=[TensorArg("u", IMAGE, uniform), TensorArg("u0", IMAGE, uniform)],
+            differentiable=True,
+            same_dtype=True,
+            bad_shapes=[("u0_other_shape", [IMAGE, (2, 3, 5, 7)], ValueError, "u0")],
+        ))
+    if hasattr(geokernels, "cgpm"):
+        specs.append(OpSpec(
+            name="cgpm",
+            # 3 unrolled Adam steps keep the reference cheap
+            call=lambda x, **p: geokernels.cgpm(x, **dict(dict(steps=3), **p)),
+            reference=_drop(lambda x, **p: reference.cgpm(x, **dict(dict(steps=3), **p)),
+                            "backend"),
+            tensors=[TensorArg("logits", IMAGE, normal)],
+            rtol_factor=10,  # unrolled iterations
+            backend_op="cgpm",
+            bad_params=[
+                ("steps_negative", dict(steps=-1), ValueError, "steps"),
+                ("steps_float", dict(steps=2.5), TypeError, "steps"),
+                ("lr_negative", dict(lr=-1e-2), ValueError, "lr"),
+                ("lr_nan", dict(lr=_NAN), ValueError, "lr"),
+                ("method", dict(method="c3"), ValueError, "method"),
+                ("weight_negative", dict(weight=-1.0), ValueError, "weight"),
+                ("betas_above_one", dict(betas=(0.9, 1.5)), ValueError, "betas"),
+                ("betas_not_pair", dict(betas=0.9), TypeError, "betas"),
+                ("adam_eps_zero", dict(adam_eps=0.0), ValueError, "adam_eps"),
+                ("return_history_int", dict(return_history=1), TypeError, "return_history"),
+                ("unknown_loss_kwarg", dict(window=3), TypeError, "window"),
+                ("backend", dict(backend="metal"), ValueError, "backend"),
+            ],
+            legal_params=[("steps_zero", dict(steps=0)), ("relu", dict(activation="relu")),
+                          ("c1", dict(method="c1", window=3))],
+        ))
     if hasattr(geokernels, "contour_flow_loss"):
         specs.append(OpSpec(
             name="contour_flow_loss",

@@ -143,6 +143,9 @@ def _dtype_case(dtype):
         if not legal:
             expect_error(spec, tensors, TypeError, arg.name)
             return
+        if spec.same_dtype and dtype != spec.tensors[0].dtype:  # mixed dtypes are refused
+            expect_error(spec, tensors, TypeError, spec.tensors[1].name)
+            return
         out = check_legal(spec, tensors, what=str(dtype))
         if len(tensors) == 1:  # the result's dtype is what the reference gives for that dtype
             same = spec.reference(*[t.clone() for t in tensors])
