@@ -64,6 +64,8 @@ def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = _OPS[op]
     dev = tensor.device.type
+    if dev == "meta" and backend in ("auto", "cpu") and "cpu" in impl and _extension.compiled():
+        return "cpu"  # meta tensors (shape inference): the dispatcher runs the fake kernels
     if backend == "auto":
         if dev == "cuda" and "cuda" in impl and _extension.cuda_compiled():
             return "cuda"

@@ -433,6 +433,16 @@ def _apply_config(args) -> None:
             setattr(args, key, value)
 
 
+def _train_or_exit(train, *args, **kwargs):
+    """train(...), with an unreadable --resume checkpoint as a one-line error (it names the file)."""
+    from geokernels.anomaly.checkpoint import CheckpointError
+
+    try:
+        return train(*args, **kwargs)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def cmd_train(args) -> int:
     if getattr(args, "config", None):
         _apply_config(args)
@@ -477,16 +487,17 @@ def cmd_train(args) -> int:
         if mode == "per-category":
             models = {}
             for c, (ds, _) in splits.items():
-                r = train(ds, checkpoint=os.path.join(args.out, f"train_{c}.pt"), **common)
+                r = _train_or_exit(train, ds, checkpoint=os.path.join(args.out, f"train_{c}.pt"),
+                                   **common)
                 models[c], runs[c] = r.model, r
             det = FlowMismatchDetector(models, device=dist_ctx.device)
         else:
             data = {c: ds for c, (ds, _) in splits.items()}
             if mode == "single":
                 data = data[categories[0]]
-            r = train(data, checkpoint=os.path.join(args.out, "train.pt"),
-                      class_conditional=(mode == "conditional") if mode != "single" else None,
-                      **common)
+            r = _train_or_exit(train, data, checkpoint=os.path.join(args.out, "train.pt"),
+                               class_conditional=(mode == "conditional") if mode != "single"
+                               else None, **common)
             runs["all"] = r
             det = FlowMismatchDetector(r.model, class_names=r.class_names, device=dist_ctx.device)
         seconds = time.perf_counter() - t0

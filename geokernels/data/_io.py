@@ -6,6 +6,7 @@ silently.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class DatasetError(ValueError):
     """A dataset tree or file is malformed; the message names the offending path."""
+
+
+class DatasetWarning(UserWarning):
+    """Entries of a dataset tree were ignored (hidden files); the message counts them."""
+
+
+def _warn_hidden(hidden: list[Path], what: str, directory: Path) -> None:
+    if hidden:
+        n = len(hidden)
+        warnings.warn(f"ignored {n} hidden entr{'y' if n == 1 else 'ies'} in {what} {directory} "
+                      f"(e.g. {hidden[0].name})", DatasetWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,13 @@ def require_dir(path: Path, what: str) -> Path:
 
 def list_images(directory: Path, what: str) -> list[Path]:
     """The image files of ``directory``, sorted by name. Hidden files (".DS_Store", ...) are
-    ignored; any other non-image entry is an error, and so is an empty folder."""
+    ignored with a DatasetWarning counting them; any other non-image entry is an error, and so
+    is an empty folder."""
     require_dir(directory, what)
-    images = []
+    images, hidden = [], []
     for entry in sorted(directory.iterdir()):
         if entry.name.startswith("."):
+            hidden.append(entry)
             continue
         if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
             images.append(entry)
@@ -67,19 +81,22 @@ def list_images(directory: Path, what: str) -> list[Path]:
                                f"(expected image files {IMAGE_EXTENSIONS})")
     if not images:
         raise DatasetError(f"{what} {directory} contains no images")
+    _warn_hidden(hidden, what, directory)
     return images
 
 
 def list_subdirs(directory: Path, what: str) -> list[Path]:
     """Sub-folders of ``directory``, sorted; hidden entries ignored, stray files are errors."""
     require_dir(directory, what)
-    subdirs = []
+    subdirs, hidden = [], []
     for entry in sorted(directory.iterdir()):
         if entry.name.startswith("."):
+            hidden.append(entry)
             continue
         if not entry.is_dir():
             raise DatasetError(f"unexpected file {entry} in {what} {directory} (expected folders)")
         subdirs.append(entry)
+    _warn_hidden(hidden, what, directory)
     return subdirs
 
 

@@ -13,6 +13,7 @@ is given (then mask = value > threshold, on the 0..255 or 0..1 scale of the file
 from __future__ import annotations
 
 import os
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -22,8 +23,38 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _list_images(folder: str) -> dict[str, str]:
-    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")}
+    """stem -> path of the image files in ``folder``; other entries are skipped with a warning
+    that counts them (hidden files silently: they are never data); two images with one stem are
+    an error (which one is meant?)."""
+    images, skipped = {}, []
+    for f in sorted(os.listdir(folder)):
+        if f.startswith("."):
+            continue
+        path = os.path.join(folder, f)
+        if not f.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+            skipped.append(f)
+            continue
+        stem = os.path.splitext(f)[0]
+        if stem in images:
+            raise ValueError(f"two images with the stem {stem!r} in {folder!r}: "
+                             f"{os.path.basename(images[stem])!r} and {f!r}")
+        images[stem] = path
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}"
+                      f" in {folder!r}, e.g. {skipped[:3]}", stacklevel=3)
+    return images
+
+
+def _open_image(path: str):
+    """PIL image of ``path``, fully decoded; unreadable files are a ValueError naming them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path!r}: {exc}") from None
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -59,11 +90,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
         masks = _list_images(mask_folder)
         if not images:
             raise ValueError(f"root: no images ({', '.join(IMAGE_EXTENSIONS)}) in {img_folder!r}")
-        masks_by_stem = {}
+        masks_by_stem, unmatched = {}, []
         for stem, path in masks.items():
             if mask_suffix and not stem.endswith(mask_suffix):
+                unmatched.append(os.path.basename(path))
                 continue
             masks_by_stem[stem[: len(stem) - len(mask_suffix)] if mask_suffix else stem] = path
+        if unmatched:
+            warnings.warn(f"skipped {len(unmatched)} file(s) in {mask_folder!r} without the "
+                          f"mask_suffix {mask_suffix!r}, e.g. {unmatched[:3]}", stacklevel=2)
         missing = [s for s in images if s not in masks_by_stem]
         if missing:
             raise ValueError(f"mask_dir: no mask for {len(missing)} image(s) in {mask_folder!r}, "
@@ -74,10 +109,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
                              f"e.g. {orphans[:3]}")
         self.pairs = [(images[s], masks_by_stem[s]) for s in sorted(images)]
         for ip, mp in self.pairs:  # headers only: cheap
-            with Image.open(ip) as a, Image.open(mp) as b:
-                if a.size != b.size:
-                    raise ValueError(f"mask {mp!r} has size {b.size[::-1]} (H, W) but its image "
-                                     f"{ip!r} has {a.size[::-1]}")
+            sizes = []
+            for path in (ip, mp):
+                try:
+                    with Image.open(path) as im:
+                        sizes.append(im.size)
+                except (OSError, SyntaxError, ValueError) as exc:  # incl. UnidentifiedImageError
+                    raise ValueError(f"cannot read image {path!r}: {exc}") from None
+            if sizes[0] != sizes[1]:
+                raise ValueError(f"mask {mp!r} has size {sizes[1][::-1]} (H, W) but its image "
+                                 f"{ip!r} has {sizes[0][::-1]}")
         if size is not None:
             if isinstance(size, Integral) and not isinstance(size, bool):
                 size = (int(size), int(size))
@@ -97,8 +138,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def _load_mask(self, path: str) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
+        im = _open_image(path)
+        arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
         arr = arr.astype(np.float64)
         if self.threshold is not None:
             return (arr > self.threshold).astype(np.float32)
@@ -115,11 +156,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         from PIL import Image
 
         ip, mp = self.pairs[index]
-        with Image.open(ip) as im:
-            im = im.convert("L" if self.grayscale else "RGB")
-            if self.size is not None:
-                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        im = _open_image(ip).convert("L" if self.grayscale else "RGB")
+        if self.size is not None:
+            im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
         mask = self._load_mask(mp)
         if self.size is not None:
             mim = Image.fromarray((mask * 255).astype(np.uint8)).resize(

@@ -31,6 +31,22 @@ def check_image(t, name: str, *, channels: int | None = None, allow_low_precisio
         check_finite(t, name)
 
 
+def check_maps(t, name: str, *, ranks=(3,), values: bool = True) -> None:
+    """``t`` must be a non-empty real floating tensor of one of ``ranks`` ((B, H, W) maps)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() not in ranks:
+        want = " or ".join({2: "(H, W)", 3: "(B, H, W)", 4: "(B, C, H, W)"}.get(r, f"rank {r}")
+                           for r in ranks)
+        raise ValueError(f"{name} must have shape {want}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if values:
+        check_finite(t, name)
+
+
 def check_choice(value, name: str, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

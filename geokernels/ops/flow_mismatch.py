@@ -25,7 +25,7 @@ import torch
 
 from geokernels import _checks, _extension
 from geokernels._backend import register_op, resolve
-from geokernels.ops._validate import check_choice, check_image, check_int, check_real
+from geokernels.ops._validate import check_choice, check_image, check_int, check_maps, check_real
 from geokernels.reference.flow_mismatch import flow_mismatch as _reference_flow_mismatch
 from geokernels.reference.flow_mismatch import flow_mismatch_noise as _reference_noise
 
@@ -290,6 +290,8 @@ def flow_mismatch(
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, cond), got {type(model).__name__}")
     check_image(x, "x")
+    if x.device.type == "meta":
+        raise ValueError("x is a meta tensor: flow_mismatch runs the model on real values")
     K = check_int(K, "K", min_value=1)
     if K > _MAX_INDEX:
         raise ValueError(f"K must be <= 2^32, got {K}")
@@ -338,13 +340,16 @@ def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_
         B, C, H, W = x.shape
         return _reference_noise(B, K, C, H, W, int(seed), offset).to(
             torch.float32).to(device=x.device, dtype=x.dtype)
-    return _kernels(be).noise(x.contiguous(), seed_i64, offset, K)
+    # only x's shape, dtype and device matter: no gradient flows to x
+    return _kernels(be).noise(x.detach().contiguous(), seed_i64, offset, K)
 
 
 def smooth_heatmap(heat: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Gaussian smoothing of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(sigma) per
     map (mode "reflect", radius int(truncate*sigma + 0.5)); separable, in the map's dtype."""
+    check_maps(heat, "heat")
     sigma = check_real(sigma, "sigma", min_value=0.0)
+    truncate = check_real(truncate, "truncate", min_value=0.0)
     if sigma == 0:
         return heat
     B, H, W = heat.shape
@@ -389,7 +394,9 @@ def anomaly_score(heatmap: torch.Tensor, mode: str = "max+topk", topk: float = 0
     topk = check_real(topk, "topk", min_value=0.0, min_inclusive=False, max_value=1.0)
     _checks.check_finite(heatmap, "heatmap")
     flat = heatmap.reshape(-1, heatmap.shape[-2] * heatmap.shape[-1])
-    k = max(1, math.ceil(Fraction(str(topk)) * flat.shape[1]))
+    # ceil(topk * HW) in integers: exact, and traceable when HW is symbolic (torch.compile)
+    frac = Fraction(str(topk))
+    k = max(1, -((-frac.numerator * flat.shape[1]) // frac.denominator))
     mx = flat.amax(dim=1)
     if mode == "max":
         out = mx
