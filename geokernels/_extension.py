@@ -67,6 +67,18 @@ def extension():
     return _C
 
 
+def require_ops(*names: str) -> None:
+    """ImportError if the loaded extension lacks ops this Python tree declares: a binary built
+    from an older checkout (e.g. after a pull without rebuilding). No-op without an extension."""
+    if _C is None:
+        return
+    missing = [n for n in names if not hasattr(torch.ops.geokernels, n)]
+    if missing:
+        raise ImportError(
+            f"geokernels._C is out of date: it lacks the ops {missing} that this source tree "
+            f"uses. {REBUILD_HINT}")
+
+
 def warn_reference_fallback(op: str) -> None:
     """Say once, loudly, that compiled kernels are missing and the slow reference runs."""
     global _warned

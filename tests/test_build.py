@@ -137,3 +137,17 @@ def test_set_checks_switch():
         geokernels.set_checks("cpu")
     with pytest.raises(ValueError, match="u contains NaN"):
         geokernels.qc2_loss(bad)
+
+
+def test_stale_extension_is_a_clear_import_error():
+    # a _C built from an older checkout (lacking ops this tree declares) must say "rebuild"
+    code = """
+import torch, geokernels
+from geokernels import _extension
+try:
+    _extension.require_ops("qc2_loss_forward", "an_op_from_the_future")
+except ImportError as e:
+    print('ERR:', e)
+"""
+    r = _run(code)
+    assert "ERR:" in r.stdout and "out of date" in r.stdout and "an_op_from_the_future" in r.stdout, r.stdout

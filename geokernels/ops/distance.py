@@ -161,5 +161,6 @@ def _contour_flow_field_fake(mask, central, float64):
 
 
 if _extension.compiled():
+    _extension.require_ops("distance_transform", "contour_flow_field")
     torch.library.register_fake("geokernels::distance_transform")(_distance_transform_fake)
     torch.library.register_fake("geokernels::contour_flow_field")(_contour_flow_field_fake)

@@ -422,6 +422,9 @@ def _aggregate_fake(heat, delta, weight, rank, mean):
 
 
 if _extension.compiled():
+    _extension.require_ops("philox4x32_10", "flow_mismatch_noise", "flow_mismatch_paths",
+                           "flow_mismatch_delta", "flow_mismatch_accumulate_",
+                           "flow_mismatch_aggregate_")
     torch.library.register_fake("geokernels::philox4x32_10")(
         lambda counters, seed: torch.empty_like(counters, memory_format=torch.contiguous_format))
     torch.library.register_fake("geokernels::flow_mismatch_noise")(_noise_fake)

@@ -139,6 +139,7 @@ def make_double_backward():
 
 
 if _extension.compiled():
+    _extension.require_ops("midpoint_convexify_forward", "midpoint_convexify_backward")
     torch.library.register_fake("geokernels::midpoint_convexify_forward")(forward_fake)
     torch.library.register_fake("geokernels::midpoint_convexify_backward")(backward_fake)
     _bw, _ctx = make_autograd(torch.ops.geokernels.midpoint_convexify_backward)

@@ -84,6 +84,7 @@ def _qc2_backward(ctx, grad):
 
 
 if _extension.compiled():
+    _extension.require_ops("qc2_loss_forward", "qc2_loss_backward")
     torch.library.register_fake("geokernels::qc2_loss_forward")(_qc2_forward_fake)
     torch.library.register_fake("geokernels::qc2_loss_backward")(_qc2_backward_fake)
     torch.library.register_autograd(
