@@ -123,7 +123,7 @@ def _require(name: str, branch_hint: str):
 ANOMALY_SETTINGS = {
     # (device type, quick): detector settings and images per category
     ("cuda", False): dict(K=8, T=24, batch_size=8, n_good=20, n_defective=30, show=6),
-    ("cpu", False): dict(K=2, T=4, batch_size=8, n_good=4, n_defective=6, show=4),
+    ("cpu", False): dict(K=2, T=4, batch_size=8, n_good=4, n_defective=6, show=5),
     ("cuda", True): dict(K=2, T=2, batch_size=4, n_good=2, n_defective=3, show=2),
     ("cpu", True): dict(K=1, T=2, batch_size=4, n_good=2, n_defective=3, show=2),
 }
@@ -286,8 +286,8 @@ def _score_figure(ctx, all_scores):
         ax.set_xticks(range(len(kinds)))
         ax.set_xticklabels([k.replace("_", "\n") for k in kinds], fontsize=7)
         ax.set_title(category, fontsize=9)
-        if float(score.min()) > 0:
-            ax.set_yscale("log")
+        if float(score.min()) > 0 and float(score.max()) > 20 * float(score.min()):
+            ax.set_yscale("log")   # only for a wide range: a narrow one reads better linear
     axes[0].set_ylabel("image score")
     ctx.save_figure(fig, "anomaly_scores.png",
                     "Image anomaly scores per category: normal crops (blue) and each defect type "
