@@ -315,6 +315,33 @@ def test_convexity_inputs_are_deterministic_with_concavities():
     assert bool((sol < 0.95).all()), sol   # every input is visibly concave
 
 
+def _anomaly_context(tmp_path, checkpoint=None):
+    return demo_stages.StageContext(out_dir=str(tmp_path), device=torch.device("cpu"), quick=True,
+                                    progress=False, checkpoint=checkpoint, name="anomaly")
+
+
+def test_anomaly_stage_without_a_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    det_mod = pytest.importorskip("geokernels.models.detector")
+    missing = tmp_path / "assets" / "flow_mismatch_textures.pt"
+    monkeypatch.setattr(det_mod.FlowMismatchDetector, "pretrained_path",
+                        staticmethod(lambda name="textures": str(missing)))
+    with pytest.raises(StageError, match="not shipped") as info:
+        demo_stages.run_anomaly(_anomaly_context(tmp_path))
+    assert "geokernels anomaly train" in str(info.value)
+    assert "--checkpoint" in str(info.value)
+    assert not os.path.exists(missing)      # nothing was trained or written in its place
+    with pytest.raises(StageError, match="nope.pt"):
+        demo_stages.run_anomaly(_anomaly_context(tmp_path, str(tmp_path / "nope.pt")))
+
+
+def test_anomaly_stage_rejects_a_corrupt_checkpoint(tmp_path):
+    pytest.importorskip("geokernels.models.detector")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(StageError, match="cannot load the detector checkpoint"):
+        demo_stages.run_anomaly(_anomaly_context(tmp_path, str(bad)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_run_demo_quick_cuda(tmp_path, tiny_checkpoint):
     summary = run_demo(tmp_path, device="cuda", quick=True, progress=False,

@@ -141,8 +141,9 @@ def _load_detector(ctx: StageContext, settings: dict):
         if ctx.checkpoint:
             return FlowMismatchDetector.load(ctx.checkpoint, **opts), os.fspath(ctx.checkpoint)
         return FlowMismatchDetector.pretrained(**opts), "shipped textures checkpoint"
-    except FileNotFoundError as exc:
-        raise StageError(str(exc)) from None
+    except FileNotFoundError as exc:   # never train or fake a detector here: say what to do
+        raise StageError(f"{exc}; or point the demo at a detector checkpoint with "
+                         f"`geokernels demo --checkpoint PATH`") from None
     except ValueError as exc:   # CheckpointError: corrupt or foreign file
         raise StageError(f"cannot load the detector checkpoint: {exc}") from None
 
