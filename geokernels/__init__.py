@@ -19,6 +19,7 @@ from geokernels.ops import midpoint_convexify
 from geokernels.ops import contour_flow_field, distance_transform
 
 # ops (SPEC 2.3-2.4)
+from geokernels.ops import cfss_iterate, contour_flow_loss
 
 # ops (SPEC 3)
 from geokernels.ops import anomaly_score, flow_mismatch, flow_mismatch_noise, smooth_heatmap

@@ -49,6 +49,18 @@ TORCH_LIBRARY(geokernels, m) {
   m.def("contour_flow_field(Tensor mask, bool central, bool float64) -> Tensor");
 
   // ---- SPEC 2.3-2.4: contour-flow loss, CFSS iterations -------------------------------------
+  m.def("contour_flow_loss_forward(Tensor logits, Tensor flow, float eps, str reduction) -> Tensor");
+  m.def(
+      "contour_flow_loss_backward(Tensor grad, Tensor logits, Tensor flow, float eps, "
+      "str reduction) -> (Tensor, Tensor)");
+  // params = [eps, tau, lam, sigma] (a tensor so that gradients reach them without a host sync);
+  // states = the saved (u, q) checkpoints, shape (n, 2, B, C, H, W).
+  m.def(
+      "cfss_forward(Tensor o, Tensor T, Tensor params, int iters, int halfsize, bool q_nonneg, "
+      "int checkpoint_every, bool save_states) -> (Tensor, Tensor)");
+  m.def(
+      "cfss_backward(Tensor grad_z, Tensor o, Tensor T, Tensor params, Tensor states, int iters, "
+      "int halfsize, bool q_nonneg, int checkpoint_every) -> (Tensor, Tensor, Tensor)");
 
   // ---- SPEC 3: flow-mismatching path building and reduction ----------------------------------
   // Philox4x32-10 of N counters (N, 4) under key = seed: the raw stream of the noise (philox.h).

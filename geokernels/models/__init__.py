@@ -1,5 +1,7 @@
 """Backbones and end-to-end models."""
 # segmentation backbones and CFSSNet (UNet, CFSSNet)
+from geokernels.models.cfssnet import CFSSNet
+from geokernels.models.unet import UNet
 
 # flow-matching anomaly detection (VelocityUNet, FlowMismatchDetector)
 from geokernels.models.velocity_unet import VelocityUNet  # noqa: E402

@@ -2,5 +2,6 @@
 # D-Convexity (QuasiConcavityLoss, CGPM, SegmentationWithCGPM)
 
 # Contour Flow (ContourFlowLoss, CFSSBlock)
+from geokernels.nn.contour_flow import CFSSBlock, ContourFlowLoss
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -11,6 +11,8 @@ from geokernels.ops.midpoint import midpoint_convexify
 from geokernels.ops.distance import contour_flow_field, distance_transform
 
 # SPEC 2.3-2.4 (contour_flow_loss, cfss_iterate)
+from geokernels.ops.cfss import cfss_iterate
+from geokernels.ops.contour_flow import contour_flow_loss
 
 # SPEC 3 (flow_mismatch, anomaly_score)
 from geokernels.ops.flow_mismatch import (anomaly_score, flow_mismatch, flow_mismatch_noise,

@@ -13,6 +13,8 @@ from geokernels.reference.distance import (contour_flow_field, distance_transfor
                                            distance_transform_bruteforce)
 
 # SPEC 2.3-2.4
+from geokernels.reference.contour_flow import (cfss_iterate, contour_flow_loss,
+                                             contour_flow_loss_map, gaussian_kernel)
 
 # SPEC 3
 # (the function flow_mismatch shadows the submodule's attribute name; import the module's other

@@ -1,0 +1,35 @@
+// AVX2+FMA build of the contour-flow loss kernels (see isa.h for why this file exists).
+#include "isa.h"
+
+#if GK_AVX2_COMPILED
+#pragma GCC target("avx2,fma")
+#ifndef __AVX__
+#define __AVX__ 1
+#endif
+#ifndef __AVX2__
+#define __AVX2__ 1
+#endif
+#ifndef __FMA__
+#define __FMA__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2 1
+
+#define GK_CPU_ISA avx2
+#include "contour_flow_kernel.h"
+
+namespace geokernels {
+namespace cpu {
+
+template <>
+CflFns<float> cfl_fns_avx2<float>() {
+  return {&avx2::cfl_forward_block<float>, &avx2::cfl_backward_block<float>};
+}
+template <>
+CflFns<double> cfl_fns_avx2<double>() {
+  return {&avx2::cfl_forward_block<double>, &avx2::cfl_backward_block<double>};
+}
+
+}  // namespace cpu
+}  // namespace geokernels
+#endif  // GK_AVX2_COMPILED

@@ -1,0 +1,52 @@
+// Shared pieces of the unrolled CFSS iterations (SPEC.md 2.4) used by the CPU and CUDA kernels.
+//
+// The SPEC's 2-D kernel k[a][b] = exp(-(a^2+b^2)/(2 sigma^2)) / (sum + 1e-15) is separable:
+// the sum over the (2h+1)^2 taps is S^2 with S = sum_a exp(-a^2/(2 sigma^2)), so
+//   k[a][b] = w[a] * w[b],   w[a] = exp(-a^2/(2 sigma^2)) / sqrt(S^2 + 1e-15)   (exactly).
+// Its derivative in sigma is dk = dw (x) w + w (x) dw with
+//   dw[a] = w[a] * (a^2 / sigma^3 - S * S' / (S^2 + 1e-15)),   S' = sum_a exp(..) a^2 / sigma^3,
+// which is how the kernels get d loss / d sigma from two extra 1-D passes.
+#pragma once
+
+#include "geokernels/common.h"
+
+namespace geokernels {
+
+// w[0..2h] and dw[0..2h] (index a + h) for one sigma > 0.
+template <class S>
+GK_HD void cfss_gaussian_taps(S sigma, int h, S* w, S* dw) {
+  const S inv2s2 = S(1) / (S(2) * sigma * sigma);
+  const S inv_s3 = S(1) / (sigma * sigma * sigma);
+  S sum = S(0), dsum = S(0);
+  for (int a = -h; a <= h; ++a) {
+    const S a2 = static_cast<S>(a * a);
+    const S g = gk_exp(S(0) - a2 * inv2s2);
+    w[a + h] = g;
+    sum += g;
+    dsum += g * a2 * inv_s3;
+  }
+  const S den = sum * sum + S(1e-15);
+  const S norm = gk_sqrt(den);
+  const S c = sum * dsum / den;
+  for (int a = -h; a <= h; ++a) {
+    const S wa = w[a + h] / norm;
+    w[a + h] = wa;
+    dw[a + h] = wa * (static_cast<S>(a * a) * inv_s3 - c);
+  }
+}
+
+// Number of saved (u, q) states for `iters` iterations with a checkpoint every k iterations:
+// the states at t = k, 2k, ... <= iters - 1 (t = 0 is recomputed from o, the last step needs none).
+// k = 0 selects the bisection schedule, which saves nothing in the forward.
+inline int64_t cfss_num_saved(int64_t iters, int64_t k) {
+  return (iters >= 1 && k >= 1) ? (iters - 1) / k : 0;
+}
+
+// Slots of the bisection schedule: ceil(log2(iters)) (the recursion depth of reverse_range).
+inline int cfss_bisection_slots(int64_t iters) {
+  int d = 0;
+  while ((int64_t{1} << d) < iters) ++d;
+  return d;
+}
+
+}  // namespace geokernels

@@ -1,0 +1,1 @@
+"""Small, reproducible experiments from the papers, as functions that return their numbers."""
