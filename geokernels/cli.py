@@ -15,6 +15,7 @@ _SUBCOMMAND_MODULES = [
     "geokernels.cli:_info_parser",
     "geokernels.cli:_bench_parser",
     # demo
+    "geokernels.demo.cli",
 
     # anomaly {train,score,eval}
     "geokernels.anomaly.cli",
