@@ -183,3 +183,22 @@ def test_shipped_training_config_is_valid():
     assert args.dataset == "textures" and args.preset == "tiny" and args.mode == "conditional"
     assert args.steps == 7  # an explicit flag wins over the config
     assert os.path.basename(cli.config_path("textures")) == "train_textures.json"
+
+
+def test_config_does_not_override_a_flag_given_with_its_default_value(monkeypatch):
+    """`--config textures --batch-size 32` trains with 32 although 32 is the flag's default."""
+    import geokernels.anomaly.cli as acli
+    from geokernels.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(acli, "_set_threads", lambda args: (seen.update(vars(args)),
+                                                           (_ for _ in ()).throw(SystemExit(0))))
+    args = build_parser().parse_args(["anomaly", "train", "--config", "textures",
+                                      "--batch-size", "32", "--out", "unused"])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    shipped = json.loads(open(acli.config_path("textures")).read())
+    assert shipped["batch_size"] != 32
+    assert seen["batch_size"] == 32                       # typed: wins
+    assert seen["steps"] == shipped["steps"]              # not typed: from the config
+    assert seen["image_size"] == shipped["image_size"]

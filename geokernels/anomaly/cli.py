@@ -416,8 +416,25 @@ def config_path(name_or_path: str) -> str:
     raise SystemExit(f"error: --config {name_or_path!r} is neither a file nor a shipped config")
 
 
+def _record_explicit_flags(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` note in ``namespace._explicit`` every option given on the command line, so
+    that ``--config`` cannot override a flag the user typed (even one equal to its default)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+
+        class _Recording(type(action)):
+            def __call__(self, parser, namespace, values, option_string=None):
+                explicit = set(getattr(namespace, "_explicit", ()))
+                explicit.add(self.dest)
+                namespace._explicit = explicit
+                super().__call__(parser, namespace, values, option_string)
+
+        action.__class__ = _Recording
+
+
 def _apply_config(args) -> None:
-    """Fill options from --config; flags whose value differs from the default win."""
+    """Fill options from --config; flags given on the command line win."""
     path = config_path(args.config)
     try:
         with open(path) as fh:
@@ -429,7 +446,7 @@ def _apply_config(args) -> None:
     if unknown:
         raise SystemExit(f"error: unknown option(s) in {path!r}: {unknown}")
     for key, value in config.items():
-        if key != "comment" and getattr(args, key) == defaults[key]:
+        if key != "comment" and key not in getattr(args, "_explicit", ()):
             setattr(args, key, value)
 
 
@@ -571,7 +588,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--config", default=None,
                    help="JSON file of these options (keys as in train_log.json 'options'), or "
                         "the name of a config shipped in geokernels/assets (e.g. textures); "
-                        "flags given with non-default values override it")
+                        "flags given on the command line override it")
     t.add_argument("--dataset", choices=DATASETS, default="textures")
     t.add_argument("--root", default=None, help="MVTec-AD / VisA folder")
     t.add_argument("--categories", nargs="*", default=None, help="default: all")
@@ -608,6 +625,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--out", required=True, help="output folder (checkpoints, detector.pt, log)")
     t.set_defaults(func=cmd_train, _defaults={a.dest: a.default for a in t._actions})
+    _record_explicit_flags(t)
 
     s = sub.add_parser("score", help="score image files; print one score per image")
     s.add_argument("images", nargs="+", help="image files (resized to the model's size)")
