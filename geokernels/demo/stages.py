@@ -119,11 +119,11 @@ def _require(name: str, branch_hint: str):
 # ------------------------------------------------------------------------------ anomaly
 # Flow-matching scoring costs K*T velocity-model calls per image. The SPEC defaults (K=8, T=24)
 # run on CUDA; on a CPU the demo uses fewer paths and times and fewer images so the stage takes
-# about two minutes on 2 cores (the detector's scores stay comparable across images of a run).
+# about a minute on 2 cores with the shipped 64-px model (the detector's scores stay comparable across images of a run).
 ANOMALY_SETTINGS = {
     # (device type, quick): detector settings and images per category
     ("cuda", False): dict(K=8, T=24, batch_size=8, n_good=20, n_defective=30, show=6),
-    ("cpu", False): dict(K=2, T=4, batch_size=8, n_good=4, n_defective=6, show=5),
+    ("cpu", False): dict(K=4, T=12, batch_size=8, n_good=6, n_defective=9, show=5),
     ("cuda", True): dict(K=2, T=2, batch_size=4, n_good=2, n_defective=3, show=2),
     ("cpu", True): dict(K=1, T=2, batch_size=4, n_good=2, n_defective=3, show=2),
 }
