@@ -141,8 +141,8 @@ COMPILED_ELSEWHERE = {
 }
 COMPILED_HERE = [n for n in ("flow_mismatch_noise", "smooth_heatmap", "anomaly_score",
                               "fidelity_loss") if n in SPECS_BY_NAME]
-# known gaps, reported to their family (listed so that the check below stays green meanwhile)
-COMPILE_GAPS = {"cgpm": "unrolled Adam loop: no fullgraph test yet (D-Convexity family)"}
+# known gaps (none left; an entry here silences the coverage check for that op)
+COMPILE_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", COMPILED_HERE)
@@ -183,6 +183,7 @@ OPCHECKED_ELSEWHERE = {
     "geokernels::midpoint_convexify_backward": ("test_midpoint.py", "midpoint_convexify_backward"),
     "geokernels::distance_transform": ("test_distance.py", "distance_transform.default"),
     "geokernels::contour_flow_field": ("test_flow_field.py", "contour_flow_field.default"),
+    "geokernels::cgpm_unroll_backward": ("test_cgpm.py", "cgpm_unroll_backward"),
     "geokernels::philox4x32_10": ("test_flow_mismatch.py", "philox4x32_10.default"),
     "geokernels::flow_mismatch_noise": ("test_flow_mismatch.py", "flow_mismatch_noise.default"),
     "geokernels::flow_mismatch_paths": ("test_flow_mismatch.py", "flow_mismatch_paths.default"),
@@ -214,8 +215,8 @@ OPCHECKED_ELSEWHERE = {
     "geokernels_triton::qc1_loss_forward": ("test_qc1_loss.py", "tq.qc1_loss_forward"),
     "geokernels_triton::cgpm_steps": ("test_cgpm.py", "tc.cgpm_steps"),
 }
-# known gaps, reported to their family
-OPCHECK_GAPS = {"geokernels_triton::qc1_loss_backward": "no opcheck yet (D-Convexity family)"}
+# known gaps (none left; an entry here silences the coverage check for that op)
+OPCHECK_GAPS: dict[str, str] = {}
 # ops without tensor arguments: nothing for opcheck to check
 NO_TENSORS = {"geokernels::cuda_compiled"}
 
@@ -234,6 +235,8 @@ def _triton_samples():
             torch.zeros(1, 3, 4), torch.rand(1, 3, 3, 4), 0.5, 2, False)),
         "geokernels_triton::qc2_loss_backward": (tq.qc2_loss_backward, (
             torch.rand((), dtype=torch.float64), u, 1e-3, 1.0, 1e-8, 1e-5, "softplus", "mean")),
+        "geokernels_triton::qc1_loss_backward": (tq.qc1_loss_backward, (
+            torch.rand((), dtype=torch.float64), u, 3, "mean")),
     }
     try:  # the contour-flow family (cfss branch)
         from geokernels.triton import cfss as tcfss

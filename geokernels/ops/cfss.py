@@ -31,6 +31,7 @@ import torch
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import get_checks
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_image, check_int
 from geokernels.ops.contour_flow import check_flow_shape, check_values
 from geokernels.reference import contour_flow as _ref
@@ -100,6 +101,7 @@ def _params_tensor(values, like: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts)
 
 
+@float32_under_autocast
 def cfss_iterate(
     o: torch.Tensor,
     T: torch.Tensor,

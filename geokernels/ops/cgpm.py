@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_choice, check_image, check_int, check_real
 from geokernels.ops.qc_loss import QC2_ACTIVATIONS, check_window
 from geokernels.reference import dconvex as _ref
@@ -67,6 +68,16 @@ class _Settings:
     def __init__(self, lr, weight, betas, adam_eps, method, loss_cfg):
         self.lr, self.weight, self.betas, self.adam_eps = lr, weight, betas, adam_eps
         self.method, self.loss_cfg = method, loss_cfg
+
+    @classmethod
+    def from_op_args(cls, lr, beta1, beta2, adam_eps, weight, order, margin, beta, eps,
+                     grad_threshold, activation, window):
+        if order == 2:
+            method, cfg = "c2", dict(margin=margin, beta=beta, eps=eps,
+                                     grad_threshold=grad_threshold, activation=activation)
+        else:
+            method, cfg = "c1", dict(window=window)
+        return cls(lr, weight, (beta1, beta2), adam_eps, method, cfg)
 
     def op_args(self):
         c = C2_LOSS_DEFAULTS | C1_LOSS_DEFAULTS | self.loss_cfg
@@ -135,27 +146,68 @@ class _FusedUnroll(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, adj_o, _adj_hist):
         u0, *saved = ctx.saved_tensors
-        settings = ctx.settings
         adj_o = torch.zeros_like(u0) if adj_o is None else adj_o
-        adj_m = torch.zeros_like(u0)
-        adj_v = torch.zeros_like(u0)
-        adj_u0 = torch.zeros_like(u0)
-        bounds = ctx.starts + [ctx.steps]
-        for seg in reversed(range(len(ctx.starts))):
-            t0, t1 = bounds[seg], bounds[seg + 1]
-            o, m, v = saved[3 * seg:3 * seg + 3]
-            states = [(o, m, v)]
-            for t in range(t0, t1 - 1):  # recompute the segment's states with the fused kernel
-                o, m, v, _ = _run_steps(ctx.backend, o, m, v, u0, t, 1, settings, False)
-                states.append((o, m, v))
-            for t in reversed(range(t0, t1)):
-                o, m, v = states[t - t0]
-                adj_o, adj_m, adj_v, du0 = _step_vjp(o, m, v, u0, t + 1, settings,
-                                                     adj_o, adj_m, adj_v)
-                adj_u0 = adj_u0 + du0
+        # an opaque op (not traced by torch.compile: its body differentiates the reference step
+        # with torch.autograd.grad, which dynamo cannot capture), so cgpm compiles fullgraph
+        adj_o, adj_u0 = torch.ops.geokernels.cgpm_unroll_backward(
+            adj_o, u0, saved, ctx.starts, ctx.steps, ctx.backend, *ctx.settings.op_args())
         return adj_o, adj_u0, None, None, None, None
 
 
+@torch.library.custom_op("geokernels::cgpm_unroll_backward", mutates_args=())
+def _unroll_backward(adj_o: torch.Tensor, u0: torch.Tensor, saved: list[torch.Tensor],
+                     starts: list[int], steps: int, backend: str, lr: float, beta1: float,
+                     beta2: float, adam_eps: float, weight: float, order: int, margin: float,
+                     beta: float, eps: float, grad_threshold: float, activation: str,
+                     window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjoints (of o_0, of u0) of the fused unroll: segment by segment from the checkpoints
+    ``saved`` = [o, m, v] at each of ``starts``, recomputing a segment's states with the fused
+    kernel and stepping back through them with ``_step_vjp``."""
+    settings = _Settings.from_op_args(lr, beta1, beta2, adam_eps, weight, order, margin, beta,
+                                      eps, grad_threshold, activation, window)
+    with _autograd_inside_op():
+        return _unroll_adjoints(adj_o.clone(), u0, saved, starts, steps, backend, settings)
+
+
+def _autograd_inside_op():
+    """A custom op's kernel runs below the autograd dispatch keys (they are excluded from the
+    thread-local dispatch state), so torch.autograd.grad would find no graph: lift that
+    exclusion for the body (the dispatcher restores it on exit)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
+                "ADInplaceOrView"):
+        if hasattr(torch._C.DispatchKey, key):
+            exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _unroll_adjoints(adj_o, u0, saved, starts, steps, backend, settings):
+    adj_m = torch.zeros_like(u0)
+    adj_v = torch.zeros_like(u0)
+    adj_u0 = torch.zeros_like(u0)
+    bounds = list(starts) + [steps]
+    for seg in reversed(range(len(starts))):
+        t0, t1 = bounds[seg], bounds[seg + 1]
+        o, m, v = saved[3 * seg:3 * seg + 3]
+        states = [(o, m, v)]
+        for t in range(t0, t1 - 1):  # recompute the segment's states with the fused kernel
+            o, m, v, _ = _run_steps(backend, o, m, v, u0, t, 1, settings, False)
+            states.append((o, m, v))
+        for t in reversed(range(t0, t1)):
+            o, m, v = states[t - t0]
+            adj_o, adj_m, adj_v, du0 = _step_vjp(o, m, v, u0, t + 1, settings,
+                                                 adj_o, adj_m, adj_v)
+            adj_u0 = adj_u0 + du0
+    return adj_o, adj_u0
+
+
+@_unroll_backward.register_fake
+def _unroll_backward_fake(adj_o, u0, saved, starts, steps, backend, *settings):
+    like = dict(memory_format=torch.contiguous_format)
+    return torch.empty_like(u0, **like), torch.empty_like(u0, **like)
+
+
+@float32_under_autocast
 def cgpm(
     logits: torch.Tensor,
     steps: int = 100,

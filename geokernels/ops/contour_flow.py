@@ -10,6 +10,7 @@ import torch
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import get_checks
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_real
 from geokernels.reference import contour_flow as _ref
 
@@ -41,6 +42,7 @@ def check_flow_shape(x: torch.Tensor, flow: torch.Tensor, xname: str, fname: str
         raise ValueError(f"{fname} must be on the device of {xname} ({x.device}), got {flow.device}")
 
 
+@float32_under_autocast
 def contour_flow_loss(
     logits: torch.Tensor,
     flow: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import check_finite, get_checks
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_choice, check_real
 from geokernels.reference import distance as _ref
 
@@ -49,6 +50,7 @@ def _value_checks_run(t: torch.Tensor) -> bool:
         mode == "always" or (mode == "cpu" and t.device.type == "cpu"))
 
 
+@float32_under_autocast
 def distance_transform(
     mask: torch.Tensor,
     *,
@@ -88,6 +90,7 @@ def distance_transform(
     return torch.ops.geokernels.distance_transform(mask, invert, dtype == torch.float64, no_background)
 
 
+@float32_under_autocast
 def contour_flow_field(
     mask: torch.Tensor,
     stencil: str = "forward",

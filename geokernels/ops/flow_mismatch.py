@@ -25,6 +25,7 @@ import torch
 
 from geokernels import _checks, _extension
 from geokernels._backend import register_op, resolve
+from geokernels.ops._autocast import autocast_device, float32_under_autocast, upcast
 from geokernels.ops._validate import check_choice, check_image, check_int, check_maps, check_real
 from geokernels.reference.flow_mismatch import flow_mismatch as _reference_flow_mismatch
 from geokernels.reference.flow_mismatch import flow_mismatch_noise as _reference_noise
@@ -289,6 +290,10 @@ def flow_mismatch(
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, cond), got {type(model).__name__}")
+    if autocast_device((x,), {}) is not None:
+        # autocast policy (ops/_autocast.py): the reduction runs in float32, the model calls
+        # keep the caller's autocast
+        x, noise = upcast(x), upcast(noise)
     check_image(x, "x")
     if x.device.type == "meta":
         raise ValueError("x is a meta tensor: flow_mismatch runs the model on real values")
@@ -322,6 +327,7 @@ def flow_mismatch(
         return smooth_heatmap(heat, smooth_sigma)
 
 
+@float32_under_autocast
 def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_offset: int = 0,
                         backend: str = "auto") -> torch.Tensor:
     """The noise eps (B, K, C, H, W) that flow_mismatch regenerates for images x (SPEC.md 3).
@@ -344,6 +350,7 @@ def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_
     return _kernels(be).noise(x.detach().contiguous(), seed_i64, offset, K)
 
 
+@float32_under_autocast
 def smooth_heatmap(heat: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Gaussian smoothing of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(sigma) per
     map (mode "reflect", radius int(truncate*sigma + 0.5)); separable, in the map's dtype."""
@@ -371,6 +378,7 @@ def smooth_heatmap(heat: torch.Tensor, sigma: float, truncate: float = 4.0) -> t
     return out.view(B, H, W).contiguous()
 
 
+@float32_under_autocast
 def anomaly_score(heatmap: torch.Tensor, mode: str = "max+topk", topk: float = 0.01) -> torch.Tensor:
     """Image anomaly scores from heatmaps (SPEC.md 3).
 

@@ -12,6 +12,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_choice, check_image, check_int, check_real
 from geokernels.reference import midpoint as _ref
 
@@ -21,6 +22,7 @@ MAX_RADIUS = 1024.0  # |D(r)| grows as pi r^2 and every plane is padded by floor
 register_op("midpoint_convexify", ("cpu", "cuda", "triton"))
 
 
+@float32_under_autocast
 def midpoint_convexify(
     u: torch.Tensor,
     radius: float = 1.0,

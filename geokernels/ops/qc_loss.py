@@ -9,6 +9,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
+from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_int, check_real
 from geokernels.reference import dconvex as _ref
 
@@ -17,6 +18,7 @@ QC2_ACTIVATIONS = ("softplus", "relu")
 register_op("qc2_loss", ("cpu", "cuda", "triton"))
 
 
+@float32_under_autocast
 def qc2_loss(
     u: torch.Tensor,
     margin: float = 1e-3,
@@ -108,6 +110,7 @@ def check_window(window) -> int:
     return window
 
 
+@float32_under_autocast
 def qc1_loss(
     u: torch.Tensor,
     window: int = 7,
@@ -207,6 +210,7 @@ if _extension.compiled():
 
 # ---- SPEC 1.4: fidelity ------------------------------------------------------------------------
 
+@float32_under_autocast
 def fidelity_loss(u: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
     """One-sided fidelity ``mean(relu(u0 - u)**2)`` (SPEC.md 1.4): only u < u0 is penalised,
     since convexification only raises u.
