@@ -173,3 +173,39 @@ def load_sample(sample: AnomalySample, size: int | None) -> dict:
         mask = load_mask(sample.mask_path, size, native, sample.image_path)
     return {"image": image, "mask": mask, "label": sample.label,
             "path": str(sample.image_path), "defect": sample.defect}
+
+
+class SampleListDataset(torch.utils.data.Dataset):
+    """The part MVTec AD and VisA share: a checked list of ``AnomalySample`` (``self.samples``,
+    built by the subclass), decoded lazily in ``__getitem__`` at ``self.size``."""
+
+    samples: list[AnomalySample]
+    size: int | None
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    @property
+    def defects(self) -> list[str]:
+        """The defect type of every item (for per-defect metrics), without decoding images."""
+        return [s.defect for s in self.samples]
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted(set(self.defects))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return load_sample(self.samples[index], self.size)
+
+    def verify(self) -> None:
+        """Decode every image and mask now (raises on the first bad file)."""
+        for sample in self.samples:
+            load_sample(sample, self.size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, category={self.category!r}, "
+                f"split={self.split!r}, size={self.size}, n={len(self)})")

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from geokernels.data._io import (AnomalySample, DatasetError, check_size, check_split,
-                                 list_images, list_subdirs, load_sample, require_dir)
+from geokernels.data._io import (AnomalySample, DatasetError, SampleListDataset, check_size,
+                                 check_split, list_images, list_subdirs, require_dir)
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                     "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -22,7 +20,7 @@ MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", 
 _GOOD = "good"
 
 
-class MVTecAD(torch.utils.data.Dataset):
+class MVTecAD(SampleListDataset):
     """One category and split of MVTec AD, read from the official folder layout.
 
     Args:
@@ -115,31 +113,3 @@ class MVTecAD(torch.utils.data.Dataset):
             samples += [AnomalySample(p, mask_dir / f"{p.stem}_mask.png", 1, defect_dir.name)
                         for p in images]
         return samples
-
-    @property
-    def labels(self) -> list[int]:
-        return [s.label for s in self.samples]
-
-    @property
-    def defects(self) -> list[str]:
-        """The defect type of every item (for per-defect metrics), without decoding images."""
-        return [s.defect for s in self.samples]
-
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted(set(self.defects))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_sample(self.samples[index], self.size)
-
-    def verify(self) -> None:
-        """Decode every image and mask now (raises on the first bad file)."""
-        for sample in self.samples:
-            load_sample(sample, self.size)
-
-    def __repr__(self) -> str:
-        return (f"MVTecAD(root={str(self.root)!r}, category={self.category!r}, "
-                f"split={self.split!r}, size={self.size}, n={len(self)})")

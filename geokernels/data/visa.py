@@ -15,10 +15,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
-
-from geokernels.data._io import (AnomalySample, DatasetError, check_size, check_split,
-                                 load_sample, require_dir)
+from geokernels.data._io import (AnomalySample, DatasetError, SampleListDataset, check_size,
+                                 check_split, require_dir)
 
 VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
                    "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
@@ -51,7 +49,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
         raise DatasetError(f"malformed CSV {path}: {e}") from None
 
 
-class VisA(torch.utils.data.Dataset):
+class VisA(SampleListDataset):
     """One category and split of VisA following the official 1-class split (``1cls.csv``).
 
     Args:
@@ -134,30 +132,3 @@ class VisA(torch.utils.data.Dataset):
     def available_categories(root, split_csv=None) -> list[str]:
         path = Path(split_csv) if split_csv is not None else Path(root) / "split_csv" / "1cls.csv"
         return sorted({row["object"] for _, row in _read_csv(path, _SPLIT_COLUMNS)})
-
-    @property
-    def labels(self) -> list[int]:
-        return [s.label for s in self.samples]
-
-    @property
-    def defects(self) -> list[str]:
-        return [s.defect for s in self.samples]
-
-    @property
-    def defect_types(self) -> list[str]:
-        return sorted(set(self.defects))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        return load_sample(self.samples[index], self.size)
-
-    def verify(self) -> None:
-        """Decode every image and mask now (raises on the first bad file)."""
-        for sample in self.samples:
-            load_sample(sample, self.size)
-
-    def __repr__(self) -> str:
-        return (f"VisA(root={str(self.root)!r}, category={self.category!r}, "
-                f"split={self.split!r}, size={self.size}, n={len(self)})")
