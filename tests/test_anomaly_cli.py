@@ -124,6 +124,24 @@ def test_eval_writes_table_json_and_overlays(trained, mvtec_root, tmp_path):
             assert im.size[0] == 3 * 16 + 4 and im.size[1] == 4 * 16 + 3 * 2
 
 
+
+def test_eval_smoothing_report_and_per_defect_pixel_auroc(trained, mvtec_root, tmp_path):
+    out = tmp_path / "eval_smooth"
+    argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"), "--dataset",
+            "mvtec", "--root", str(mvtec_root), "-K", "2", "-T", "4", "--overlays", "0",
+            "--device", "cpu", "--quiet", "--report-smoothing", "0", "1.5", "--out", str(out)]
+    assert main(argv) == 0
+    entry = json.loads((out / "metrics.json").read_text())["categories"][CATEGORY]
+    # sigma 0 re-scores the unsmoothed heatmaps: exactly the main numbers
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert entry["smoothed"]["0"][key] == entry[key]
+        assert 0 <= entry["smoothed"]["1.5"][key] <= 1
+    assert entry["smoothed"]["1.5"]["pixel_auroc"] != entry["pixel_auroc"]
+    assert set(entry["pixel_auroc_per_defect"]) == set(entry["image_auroc_per_defect"])
+    assert "extra smoothing sigma" in (out / "metrics.md").read_text()
+    with pytest.raises(SystemExit, match="report-smoothing"):
+        main(argv[:-5] + ["--report-smoothing=-1", "--out", str(out)])
+
 def test_score_prints_and_writes_heatmaps(trained, mvtec_root, tmp_path, capsys):
     good = mvtec_root / CATEGORY / "test" / "good" / "000.png"
     bad = mvtec_root / CATEGORY / "test" / "spot" / "000.png"
