@@ -116,12 +116,11 @@ def test_nn_module_in_an_autocast_training_step():
     # a bf16 model output fed to a geokernels loss module under autocast trains in float32
     net = torch.nn.Conv2d(1, 1, 3, padding=1)
     x = torch.rand(2, 1, 8, 8)
-    loss_fn = geokernels.nn.QuasiConcavityLoss() if hasattr(geokernels, "nn") else None
+    loss_fn = geokernels.nn.QuasiConcavityLoss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net(x)
         assert logits.dtype == torch.bfloat16
-        loss = loss_fn(torch.sigmoid(logits)) if loss_fn is not None else geokernels.qc2_loss(
-            torch.sigmoid(logits))
+        loss = loss_fn(torch.sigmoid(logits))
     assert loss.dtype == torch.float32
     loss.backward()
     assert net.weight.grad is not None and torch.isfinite(net.weight.grad).all()
