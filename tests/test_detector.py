@@ -194,6 +194,13 @@ def test_calibrated_variant(fitted, tmp_path):
     det.calibrate(normal_images(10, seed=12), stats_sigma=2.0)
     h, s = det.score(x, method="calibrated_mismatch")
     assert h.shape == (4, SIZE, SIZE) and torch.isfinite(h).all() and (h >= 0).all()
+    # the same numbers from the mismatch heatmaps, without model calls
+    h2, s2 = det.calibrated_from_mismatch(det.score(x)[0])
+    assert torch.equal(h2, h) and torch.equal(s2, s)
+    with pytest.raises(ValueError, match="heatmaps"):
+        det.calibrated_from_mismatch(torch.zeros(SIZE, SIZE))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        fitted[0].calibrated_from_mismatch(h)
     # the default method is unchanged by calibration
     assert torch.equal(det.score(x)[0], fitted[0].score(x)[0])
     det.save(tmp_path / "cal.pt")

@@ -387,6 +387,25 @@ class FlowMismatchDetector:
         self.calibrations[key] = MismatchCalibration(stats_sigma, min_std).fit(heat)
         return self
 
+    def calibrated_from_mismatch(self, heatmaps: torch.Tensor, *, category=None):
+        """(heatmaps, scores) of method="calibrated_mismatch" from the default mismatch heatmaps
+        of the same images (``score(images)[0]``): no model call, equal to
+        ``score(images, method="calibrated_mismatch")``. Lets an evaluation report both methods
+        from one scoring pass."""
+        _, _, key = self._member(category)
+        if key not in self.calibrations:
+            raise RuntimeError(f"calibrated_from_mismatch needs calibrate(normal_images"
+                               f"{'' if key is None else ', category=' + repr(key)}) first")
+        if not isinstance(heatmaps, torch.Tensor) or not heatmaps.is_floating_point() or \
+                heatmaps.dim() != 3 or heatmaps.shape[0] == 0:
+            raise ValueError(f"heatmaps must be a non-empty floating-point (N, H, W) tensor, got "
+                             f"{getattr(heatmaps, 'shape', type(heatmaps).__name__)}")
+        from geokernels.anomaly._compat import anomaly_score_op
+
+        heat = self.calibrations[key].transform(heatmaps.float().cpu())
+        s = self.settings
+        return heat, anomaly_score_op()(heat, mode=s["score_mode"], topk=s["topk"]).float()
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         self._require_fitted()
