@@ -7,7 +7,7 @@
 #
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
-# MAX_JOBS (default 16), GK_BUILD_S / GK_TEST_S / GK_BENCH_S stage limits in seconds.
+# MAX_JOBS (default 16), GK_BUILD_S / GK_TEST_S / GK_BENCH_S / GK_ANOMALY_S stage limits in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_out}
@@ -68,5 +68,13 @@ stage "benchmarks on cuda (reference eager, torch.compile(reference), fused back
 timeout "${GK_BENCH_S:-240}" $PY -m geokernels bench --device cuda --json "$OUT/bench_cuda.json" > "$OUT/bench.txt" 2>&1
 stage "bench rc=$?"
 { echo; echo '```'; grep -E "^\|" "$OUT/bench.txt"; echo '```'; } >> "$summary"
+# issue 9: detector scoring throughput on the GPU (images/s at the SPEC defaults K=8, T=24) with
+# the shipped checkpoint; the fused-vs-reference end-to-end ratio is the bench's
+# "textures U-Net" flow_mismatch rows above
+stage "anomaly scoring on cuda (shipped textures detector, 10+10 test crops per category)"
+timeout "${GK_ANOMALY_S:-120}" $PY -m geokernels anomaly eval --dataset textures --limit 10 \
+  --methods mismatch --overlays 0 --device cuda --quiet --out "$OUT/anomaly_eval" \
+  > "$OUT/anomaly_eval.log" 2>&1
+stage "anomaly eval rc=$? :: $($PY -c "import json,sys;d=json.load(open(sys.argv[1]));print({k:round(v['images_per_second'],1) for k,v in d['categories'].items()}, 'img/s')" "$OUT/anomaly_eval/metrics.json" 2>&1 | tail -1)"
 stage "done"
 cat "$summary"
