@@ -159,6 +159,24 @@ def test_score_prints_and_writes_heatmaps(trained, mvtec_root, tmp_path, capsys)
     assert (out / "000_heatmap.png").exists()
 
 
+def test_score_paths_per_call(trained, mvtec_root, tmp_path, capsys):
+    bad = mvtec_root / CATEGORY / "test" / "spot" / "000.png"
+    scores = []
+    for ppc in ("all", "1", "auto"):
+        assert main(["anomaly", "score", str(bad), "--checkpoint", str(trained[0] / "detector.pt"),
+                     "-K", "2", "-T", "4", "--device", "cpu", "--quiet", "--paths-per-call", ppc,
+                     "--out", str(tmp_path / ppc)]) == 0
+        scores.append(float(capsys.readouterr().out.split("\t")[0]))
+    assert scores[1] == pytest.approx(scores[0], rel=1e-5) and \
+        scores[2] == pytest.approx(scores[0], rel=1e-5)
+    with pytest.raises(SystemExit):
+        main(["anomaly", "score", str(bad), "--paths-per-call", "many", "--out", str(tmp_path)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="paths_per_call"):
+        main(["anomaly", "score", str(bad), "--checkpoint", str(trained[0] / "detector.pt"),
+              "--paths-per-call", "0", "--device", "cpu", "--out", str(tmp_path / "z")])
+
+
 def test_cli_errors(trained, mvtec_root, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["anomaly", "eval", "--checkpoint", str(tmp_path / "missing.pt"), "--dataset",

@@ -86,6 +86,22 @@ def test_scores_are_deterministic_and_use_the_score_op(fitted):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), method
 
 
+def test_paths_per_call_changes_speed_not_heatmaps(fitted, tmp_path):
+    det, _ = fitted
+    x = normal_images(3, seed=8)
+    K = det.settings["K"]
+    assert det.settings["paths_per_call"] == "auto" and det._paths_per_call() == 2 * K  # CPU
+    base = det.score(x)[0]
+    path = det.save(tmp_path / "d.pt")
+    for ppc in (None, 1, K, 3 * K):
+        other = FlowMismatchDetector.load(path, device="cpu", paths_per_call=ppc)
+        assert other._paths_per_call() == ppc
+        assert torch.allclose(other.score(x)[0], base, rtol=1e-5, atol=1e-6), ppc
+    for bad in (0, -2, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="paths_per_call"):
+            FlowMismatchDetector.load(path, device="cpu", paths_per_call=bad)
+
+
 def test_detector_matches_mismatch_contract(fitted):
     """score() = flow_mismatch(model on [-1,1] images) = the SPEC 3 formula with explicit noise."""
     det, _ = fitted

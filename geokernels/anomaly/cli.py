@@ -181,14 +181,25 @@ def write_overlay_grid(path, images, heats, masks, labels, scores, vmax, n_per_c
 
 
 # ------------------------------------------------------------------------------ detector
+def _paths_per_call(text: str):
+    if text == "auto":
+        return "auto"
+    if text == "all":
+        return "all"  # None (all paths) once past the "not given" check of _load_detector
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or an int, got {text!r}") from None
+
+
 def _load_detector(args):
     from geokernels.models.detector import FlowMismatchDetector
 
     overrides = {}
-    for name in ("K", "T", "batch_size", "seed", "agg", "smooth_sigma"):
+    for name in ("K", "T", "batch_size", "paths_per_call", "seed", "agg", "smooth_sigma"):
         v = getattr(args, name.lower() if name in ("K", "T") else name, None)
         if v is not None:
-            overrides[name] = v
+            overrides[name] = None if (name, v) == ("paths_per_call", "all") else v
     opts = dict(device=args.device, precision=args.precision, compile=args.compile,
                 backend=args.backend)
     try:
@@ -620,6 +631,8 @@ def _common(p, checkpoint=True):
     p.add_argument("--smooth-sigma", dest="smooth_sigma", type=float, default=None)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
                    help="images per mismatch call")
+    p.add_argument("--paths-per-call", dest="paths_per_call", type=_paths_per_call, default=None,
+                   help="rows per model call: auto (2K on CPU, all elsewhere), all, or N")
     p.add_argument("--seed", type=int, default=None, help="scoring noise seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

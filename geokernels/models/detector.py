@@ -36,7 +36,12 @@ PRETRAINED = {"textures": "flow_mismatch_textures.pt"}
 _DEFAULT_SETTINGS = dict(K=8, T=24, agg="min", r=2.0, seed=0, score_mode="max+topk", topk=0.01,
                          smooth_sigma=0.0, input_range="[-1,1]", batch_size=8,
                          reconstruction_t0=0.5, reconstruction_steps=8,
-                         reconstruction_solver="heun", reconstruction_paths=1)
+                         reconstruction_solver="heun", reconstruction_paths=1,
+                         paths_per_call="auto")
+# paths_per_call="auto": on CPU two images' K paths per model call (batches of 2K rows ran faster
+# per sample than B*K = 64 rows for the shipped U-Net on a 2-core CPU, see benchmarks/RESULTS.md);
+# elsewhere all of the batch's paths in one call (a GPU wants the largest batch).
+CPU_IMAGES_PER_CALL = 2
 
 
 class _BoundVelocity(nn.Module):
@@ -66,6 +71,13 @@ def _check_setting(name, value):
     if name in ("K", "T", "batch_size", "reconstruction_steps", "reconstruction_paths"):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+        return int(value)
+    if name == "paths_per_call":
+        if value == "auto" or value is None:
+            return "auto" if value == "auto" else None
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"paths_per_call must be 'auto', None (all paths of a batch) or a "
+                             f"positive int, got {value!r}")
         return int(value)
     if name == "seed":
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
@@ -108,6 +120,9 @@ class FlowMismatchDetector:
         input_range: how [0, 1] images enter the flow ("[-1,1]" default, as trained).
         batch_size: images per mismatch call (K paths each). Noise is drawn per (seed, index of
             the image in the ``score`` call, path): scores do not depend on batch_size.
+        paths_per_call: rows of one model call (the op's ``chunk``): "auto" (default: 2K on
+            CPU, all batch_size*K paths elsewhere), None (all) or an int; speed only, the
+            heatmaps do not depend on it.
         device: where the model runs (default: cuda if available, else cpu).
         precision: "fp32" (default) or "bf16" (autocast of the model calls; CUDA only).
         compile: None (default) or a torch.compile mode for the model calls; "reduce-overhead"
@@ -314,6 +329,12 @@ class FlowMismatchDetector:
                              f"divide 8-bit images by 255")
         return x.float()
 
+    def _paths_per_call(self):
+        ppc = self.settings["paths_per_call"]
+        if ppc == "auto":
+            return CPU_IMAGES_PER_CALL * self.settings["K"] if self.device.type == "cpu" else None
+        return ppc
+
     def _model_space(self, x):
         return x * 2.0 - 1.0 if self.settings["input_range"] == "[-1,1]" else x
 
@@ -369,7 +390,8 @@ class FlowMismatchDetector:
                 # noise keyed by the image's index in this call: independent of batch_size
                 h = flow_mismatch(vel, x, K=s["K"], T=s["T"], agg=s["agg"], r=s["r"],
                                   seed=s["seed"], smooth_sigma=s["smooth_sigma"],
-                                  image_index_offset=i, backend=self.backend)
+                                  image_index_offset=i, backend=self.backend,
+                                  chunk=self._paths_per_call())
                 if method == "calibrated_mismatch":
                     h = self.calibrations[key].transform(h)
             heats.append(h.float().cpu())
