@@ -42,18 +42,16 @@ def conv1x1_velocity(channels: int, device, module: bool = False):
     return model
 
 
-@register_case
-def flow_mismatch_cases(device: torch.device, quick: bool):
-    B, K, T, C, H, W = (2, 4, 4, 3, 64, 64) if quick else (8, 8, 24, 3, 128, 128)
-    x = torch.rand(B, C, H, W, device=device)
-    model = conv1x1_velocity(C, device)
-    # what a fused implementation must move per call: write x_t, read v (+ x, heat: negligible)
-    nbytes = T * 2 * B * K * C * H * W * x.element_size()
+def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list[Case]:
+    """Reference loop (torch.randn noise drawn up front, T x K model calls of B images) vs the
+    fused op with all B*K paths per model call and with one image's K paths per call."""
+    B, C, H, W = x.shape
 
     def reference_step():
-        g = torch.Generator(device=device).manual_seed(0)
-        noise = torch.randn(B, K, C, H, W, generator=g, device=device)
-        return reference.flow_mismatch(model, x, K=K, T=T, noise=noise)
+        g = torch.Generator(device=x.device).manual_seed(0)
+        noise = torch.randn(B, K, C, H, W, generator=g, device=x.device)
+        with torch.no_grad():
+            return reference.flow_mismatch(model, x, K=K, T=T, noise=noise)
 
     cases = []
     for chunk in (None, K):
@@ -64,9 +62,20 @@ def flow_mismatch_cases(device: torch.device, quick: bool):
                 raise NotImplementedError("torch.compile of a K*T-step Python loop is not useful")
             return lambda: geokernels.flow_mismatch(model, x, K=K, T=T, chunk=chunk, backend=impl)
 
-        label = (f"B{B} K{K} T{T} {C}x{H}x{W} conv1x1 chunk={'all' if chunk is None else chunk} f32")
+        label = (f"B{B} K{K} T{T} {C}x{H}x{W} {model_name} "
+                 f"chunk={'all' if chunk is None else chunk} f32")
         cases.append(Case("flow_mismatch", label, make_step, nbytes=nbytes, compile_reference=False))
     return cases
+
+
+@register_case
+def flow_mismatch_cases(device: torch.device, quick: bool):
+    B, K, T, C, H, W = (2, 4, 4, 3, 64, 64) if quick else (8, 8, 24, 3, 128, 128)
+    x = torch.rand(B, C, H, W, device=device)
+    model = conv1x1_velocity(C, device)
+    # what a fused implementation must move per call: write x_t, read v (+ x, heat: negligible)
+    nbytes = T * 2 * B * K * C * H * W * x.element_size()
+    return _chunk_cases(model, x, K, T, "conv1x1", nbytes)
 
 
 @register_case
@@ -88,24 +97,5 @@ def detector_cases(device: torch.device, quick: bool):
     K, T = (8, 4) if quick else (8, 24)
     data = TextureAnomalyDataset("grass", split="test", size=model.config["image_size"])
     x = det._model_space(torch.stack([data[i]["image"] for i in range(B)]).to(device))
-    C, H, W = x.shape[1:]
-
-    def reference_step():
-        g = torch.Generator(device=device).manual_seed(0)
-        noise = torch.randn(B, K, C, H, W, generator=g, device=device)
-        with torch.no_grad():
-            return reference.flow_mismatch(vel, x, K=K, T=T, noise=noise)
-
-    cases = []
-    for chunk in (None, K):
-        def make_step(impl: str, chunk=chunk):
-            if impl == "reference":
-                return reference_step
-            if impl == "compiled":
-                raise NotImplementedError("torch.compile of a K*T-step Python loop is not useful")
-            return lambda: geokernels.flow_mismatch(vel, x, K=K, T=T, chunk=chunk, backend=impl)
-
-        label = (f"B{B} K{K} T{T} {C}x{H}x{W} textures U-Net chunk={'all' if chunk is None else chunk} f32")
-        # nbytes=0: the model's activations, not the scoring engine, set the traffic
-        cases.append(Case("flow_mismatch", label, make_step, nbytes=0, compile_reference=False))
-    return cases
+    # nbytes=0: the model's activations, not the scoring engine, set the traffic
+    return _chunk_cases(vel, x, K, T, "textures U-Net", 0)
