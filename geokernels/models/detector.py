@@ -411,9 +411,10 @@ class FlowMismatchDetector:
 
     def calibrated_from_mismatch(self, heatmaps: torch.Tensor, *, category=None):
         """(heatmaps, scores) of method="calibrated_mismatch" from the default mismatch heatmaps
-        of the same images (``score(images)[0]``): no model call, equal to
-        ``score(images, method="calibrated_mismatch")``. Lets an evaluation report both methods
-        from one scoring pass."""
+        of the same images (``score(images)[0]``): no model call; equal to
+        ``score(images, method="calibrated_mismatch")`` (bit for bit on CPU; on GPU that one
+        applies the transform on the device, to rounding). Lets an evaluation report both
+        methods from one scoring pass."""
         _, _, key = self._member(category)
         if key not in self.calibrations:
             raise RuntimeError(f"calibrated_from_mismatch needs calibrate(normal_images"
