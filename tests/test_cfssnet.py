@@ -125,7 +125,7 @@ def test_cfssnet_training_step_reduces_loss():
         loss, _ = net.loss(batch)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
 

@@ -97,7 +97,10 @@ def test_mvtec_ignores_hidden_files(tmp_path):
     make_mvtec(tmp_path)
     (tmp_path / "widget" / "test" / "crack" / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "LICENSE.txt").write_text("license")
-    assert len(MVTecAD(tmp_path, "widget", "test")) == 5
+    from geokernels.data._io import DatasetWarning
+
+    with pytest.warns(DatasetWarning, match=r"ignored 1 hidden entry .*\.DS_Store"):
+        assert len(MVTecAD(tmp_path, "widget", "test")) == 5
 
 
 def test_mvtec_missing_root_and_category(tmp_path):
