@@ -362,9 +362,8 @@ class FlowMismatchDetector:
         if method not in SCORE_METHODS:
             raise ValueError(f"method must be one of {SCORE_METHODS}, got {method!r}")
         model, class_index, key = self._member(category)
-        if method == "calibrated_mismatch" and key not in self.calibrations:
-            raise RuntimeError(f"method='calibrated_mismatch' needs calibrate(normal_images"
-                               f"{'' if key is None else ', category=' + repr(key)}) first")
+        if method == "calibrated_mismatch":
+            self._calibration(key, "method='calibrated_mismatch'")
         x_all = self._as_images(images, model)
         bs = self.settings["batch_size"] if batch_size is None else _check_setting(
             "batch_size", batch_size)
@@ -392,10 +391,10 @@ class FlowMismatchDetector:
                                   seed=s["seed"], smooth_sigma=s["smooth_sigma"],
                                   image_index_offset=i, backend=self.backend,
                                   chunk=self._paths_per_call())
-                if method == "calibrated_mismatch":
-                    h = self.calibrations[key].transform(h)
             heats.append(h.float().cpu())
         heat = torch.cat(heats)
+        if method == "calibrated_mismatch":  # the transform of the mismatch heatmaps just made
+            return self.calibrated_from_mismatch(heat, category=category)
         scores = anomaly_score(heat, mode=s["score_mode"], topk=s["topk"])
         return heat, scores.float()
 
@@ -409,23 +408,26 @@ class FlowMismatchDetector:
         self.calibrations[key] = MismatchCalibration(stats_sigma, min_std).fit(heat)
         return self
 
+    def _calibration(self, key, caller: str) -> MismatchCalibration:
+        if key not in self.calibrations:
+            raise RuntimeError(f"{caller} needs calibrate(normal_images"
+                               f"{'' if key is None else ', category=' + repr(key)}) first")
+        return self.calibrations[key]
+
     def calibrated_from_mismatch(self, heatmaps: torch.Tensor, *, category=None):
         """(heatmaps, scores) of method="calibrated_mismatch" from the default mismatch heatmaps
-        of the same images (``score(images)[0]``): no model call; equal to
-        ``score(images, method="calibrated_mismatch")`` (bit for bit on CPU; on GPU that one
-        applies the transform on the device, to rounding). Lets an evaluation report both
-        methods from one scoring pass."""
+        of the same images (``score(images)[0]``): no model call; this is how
+        ``score(images, method="calibrated_mismatch")`` finishes, so the two are equal. Lets an
+        evaluation report both methods from one scoring pass."""
         _, _, key = self._member(category)
-        if key not in self.calibrations:
-            raise RuntimeError(f"calibrated_from_mismatch needs calibrate(normal_images"
-                               f"{'' if key is None else ', category=' + repr(key)}) first")
+        calibration = self._calibration(key, "calibrated_from_mismatch")
         if not isinstance(heatmaps, torch.Tensor) or not heatmaps.is_floating_point() or \
                 heatmaps.dim() != 3 or heatmaps.shape[0] == 0:
             raise ValueError(f"heatmaps must be a non-empty floating-point (N, H, W) tensor, got "
                              f"{getattr(heatmaps, 'shape', type(heatmaps).__name__)}")
         from geokernels.anomaly._compat import anomaly_score_op
 
-        heat = self.calibrations[key].transform(heatmaps.float().cpu())
+        heat = calibration.transform(heatmaps.float().cpu())
         s = self.settings
         return heat, anomaly_score_op()(heat, mode=s["score_mode"], topk=s["topk"]).float()
 
