@@ -51,10 +51,16 @@ class Result:
 _CASES: list[Callable[[torch.device, bool], list[Case]]] = []
 
 
-def register_case(factory: Callable[[torch.device, bool], list[Case]]):
-    """Register ``factory(device, quick) -> [Case]``; usable as a decorator."""
-    _CASES.append(factory)
-    return factory
+def register_case(factory: Callable[[torch.device, bool], list[Case]] | None = None, *,
+                  op: str | None = None):
+    """Register ``factory(device, quick) -> [Case]``; usable as a decorator, bare or as
+    ``@register_case(op="name")``. Naming the op the factory's cases belong to lets ``run(ops=...)``
+    skip building the inputs (or loading the checkpoint) of the ops it does not time."""
+    def add(f):
+        f.bench_op = op
+        _CASES.append(f)
+        return f
+    return add if factory is None else add(factory)
 
 
 def synchronize(device: torch.device) -> None:
@@ -172,7 +178,9 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
     """Time every registered case on ``device``; one row per (case, implementation)."""
     _load_cases()
     device = torch.device(device)
-    cases = [c for f in _CASES for c in f(device, quick) if ops is None or c.op in ops]
+    factories = [f for f in _CASES
+                 if ops is None or getattr(f, "bench_op", None) in (None, *ops)]
+    cases = [c for f in factories for c in f(device, quick) if ops is None or c.op in ops]
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover

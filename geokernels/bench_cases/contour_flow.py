@@ -47,7 +47,7 @@ def _with_threads(n: int, fn):
     return step
 
 
-@register_case
+@register_case(op="distance_transform")
 def distance_transform_cases(device: torch.device, quick: bool):
     n, size = (2, 128) if quick else (8, 512)
     mask = _shape_masks(n, size).to(device)
@@ -73,7 +73,7 @@ def distance_transform_cases(device: torch.device, quick: bool):
     return cases
 
 
-@register_case
+@register_case(op="contour_flow_field")
 def contour_flow_field_cases(device: torch.device, quick: bool):
     # the pure-PyTorch reference's EDT is O(HW(H+W)): ~30 s per call for 8x1x256x256 on two
     # loaded CPU cores, so the CPU case is smaller
@@ -96,7 +96,7 @@ def contour_flow_field_cases(device: torch.device, quick: bool):
 # =================================================================================================
 
 
-@register_case
+@register_case(op="contour_flow_loss")
 def contour_flow_loss_cases(device: torch.device, quick: bool):
     shape = (2, 1, 128, 128) if quick else (8, 1, 256, 256)
     B, C, H, W = shape
@@ -125,7 +125,7 @@ def contour_flow_loss_cases(device: torch.device, quick: bool):
     return [Case("contour_flow_loss", label, make_step, nbytes=nbytes)]
 
 
-@register_case
+@register_case(op="cfss_iterate")
 def cfss_cases(device: torch.device, quick: bool):
     shape = (1, 1, 64, 64) if quick else (4, 1, 128, 128)
     iters = 10 if quick else 50

@@ -18,7 +18,7 @@ def _loss_step(u: torch.Tensor, fn):
     return step
 
 
-@register_case
+@register_case(op="qc2_loss")
 def qc2_cases(device: torch.device, quick: bool):
     shape = (2, 1, 128, 128) if quick else (8, 1, 256, 256)
     u = torch.rand(shape, device=device, requires_grad=True)
@@ -37,7 +37,7 @@ def qc2_cases(device: torch.device, quick: bool):
     return [Case("qc2_loss", label, make_step, nbytes=3 * u.numel() * u.element_size())]
 
 
-@register_case
+@register_case(op="qc1_loss")
 def qc1_cases(device: torch.device, quick: bool):
     shape = (2, 1, 128, 128) if quick else (8, 1, 256, 256)
     u = torch.rand(shape, device=device, requires_grad=True)
@@ -65,7 +65,7 @@ def _cgpm_logits(shape, device):
     return (blob + 0.5 * torch.randn(B, C, H, W, generator=g)).to(device)
 
 
-@register_case
+@register_case(op="cgpm")
 def cgpm_cases(device: torch.device, quick: bool):
     shape, steps = ((2, 1, 64, 64), 10) if quick else ((4, 1, 256, 256), 100)
     logits = _cgpm_logits(shape, device)

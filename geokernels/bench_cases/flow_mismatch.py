@@ -68,7 +68,7 @@ def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list
     return cases
 
 
-@register_case
+@register_case(op="flow_mismatch")
 def flow_mismatch_cases(device: torch.device, quick: bool):
     B, K, T, C, H, W = (2, 4, 4, 3, 64, 64) if quick else (8, 8, 24, 3, 128, 128)
     x = torch.rand(B, C, H, W, device=device)
@@ -78,7 +78,7 @@ def flow_mismatch_cases(device: torch.device, quick: bool):
     return _chunk_cases(model, x, K, T, "conv1x1", nbytes)
 
 
-@register_case
+@register_case(op="flow_mismatch")
 def detector_cases(device: torch.device, quick: bool):
     """End to end with a real model: the shipped textures detector's velocity U-Net (0.91 M
     parameters, 64x64, class-conditional, channels_last) scoring grass test crops at the SPEC

@@ -32,7 +32,7 @@ def _compiled_reference(radius: float, max_iters: int, tol: float):
     return run
 
 
-@register_case
+@register_case(op="midpoint_convexify")
 def midpoint_cases(device: torch.device, quick: bool):
     if quick:
         u, radius, label = notebook_shape(96, 30.0), 6.0, "notebook 96x96 r=6"

@@ -1,0 +1,59 @@
+"""The benchmark harness (geokernels.benchmark): op selection and case registration. Timings are
+never asserted here; only which cases run and that every row has a measurement."""
+import math
+
+import torch
+
+from geokernels import benchmark as gkbench
+
+
+def test_every_factory_names_its_op():
+    gkbench._load_cases()
+    assert gkbench._CASES
+    for factory in gkbench._CASES:
+        assert isinstance(getattr(factory, "bench_op", None), str), factory.__name__
+
+
+def test_run_builds_only_the_selected_ops(monkeypatch):
+    gkbench._load_cases()
+    built = []
+    wrapped = []
+    for factory in gkbench._CASES:
+        def spy(device, quick, factory=factory):
+            built.append(factory.bench_op)
+            return factory(device, quick)
+        spy.bench_op = factory.bench_op
+        wrapped.append(spy)
+    monkeypatch.setattr(gkbench, "_CASES", wrapped)
+    results = gkbench.run("cpu", ops=["qc2_loss"], quick=True, compile_reference=False,
+                          memory=False, min_time=0.0, progress=False)
+    assert built == ["qc2_loss"]          # the detector case (checkpoint load) was never built
+    assert results and {r.op for r in results} == {"qc2_loss"}
+    impls = {r.impl for r in results}
+    assert "reference" in impls and impls - {"reference"}, impls
+    assert all(not math.isnan(r.ms) and r.ms > 0 for r in results)
+    assert all(r.speedup_vs_reference is not None for r in results)
+    assert "qc2_loss" in gkbench.format_table(results)
+
+
+def test_register_case_bare_and_named(monkeypatch):
+    monkeypatch.setattr(gkbench, "_CASES", [])
+    monkeypatch.setattr(gkbench, "_load_cases", lambda: None)
+    calls = []
+
+    @gkbench.register_case
+    def anything(device, quick):
+        calls.append("bare")
+        return []
+
+    @gkbench.register_case(op="qc1_loss")
+    def named(device, quick):
+        calls.append("qc1_loss")
+        return []
+
+    assert gkbench._CASES == [anything, named]
+    assert anything.bench_op is None and named.bench_op == "qc1_loss"
+    assert gkbench.run(torch.device("cpu"), ops=["cgpm"], progress=False) == []
+    assert calls == ["bare"]              # an unnamed factory is always built, then filtered
+    gkbench.run(torch.device("cpu"), progress=False)
+    assert calls == ["bare", "bare", "qc1_loss"]
