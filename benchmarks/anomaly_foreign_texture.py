@@ -1,0 +1,61 @@
+"""Why pasted foreign texture is flagged per image but not delineated per pixel (issue 9).
+
+For every foreign_texture test crop of a category, grouped by the photo the patch came from:
+mean heatmap inside the mask (and on the same pixels of the defect-free crop), mean outside, the
+pixel AUROC of mask pixels against the other pixels of the same crops, and the share of the
+in-mask excess carried by the top 10 % of mask pixels. SPEC-default scoring (K=8, T=24, min, r=2,
+no smoothing). Results: benchmarks/RESULTS.md.
+
+    PYTHONPATH=. python benchmarks/anomaly_foreign_texture.py [detector.pt] [category ...]
+"""
+import sys
+
+import torch
+
+import geokernels.data.textures as tx
+from geokernels.metrics import auroc
+from geokernels.models.detector import FlowMismatchDetector
+
+
+def main(argv):
+    torch.set_num_threads(2)
+    path = argv[0] if argv and argv[0].endswith(".pt") else None
+    categories = [a for a in argv if not a.endswith(".pt")] or ["grass", "gravel"]
+    det = FlowMismatchDetector.load(path, device="cpu") if path else \
+        FlowMismatchDetector.pretrained(device="cpu")
+    size = next(iter(det.members.values())).config["image_size"]
+    photo, sources = tx._photo, []
+
+    def recording_photo(category):   # the last photo read by generate() is the patch's source
+        sources.append(category)
+        return photo(category)
+
+    tx._photo = recording_photo
+    try:
+        for cat in categories:
+            ds = tx.TextureAnomalyDataset(cat, split="test", size=size)
+            items, cleans, src = [], [], []
+            for i, d in enumerate(ds.defects):
+                if d == "foreign_texture":
+                    sources.clear()
+                    item, clean = ds.generate(i)
+                    items.append(item), cleans.append(clean), src.append(sources[-1])
+            x = torch.stack([s["image"] for s in items])
+            mask = torch.stack([s["mask"][0] for s in items]).bool()
+            heat, _ = det.score(x, category=cat)
+            heat_clean, _ = det.score(torch.stack(cleans), category=cat)
+            for name in sorted(set(src)):
+                sel = [j for j, s in enumerate(src) if s == name]
+                h, m, hc = heat[sel], mask[sel], heat_clean[sel]
+                excess = (h[m] - hc[m]).sort(descending=True).values
+                top = excess[: max(1, excess.numel() // 10)].sum() / excess.sum()
+                print(f"{cat} <- {name}: {len(sel)} crops; mean H in mask {h[m].mean():.4f} "
+                      f"(same pixels, clean crop {hc[m].mean():.4f}), outside {h[~m].mean():.4f}; "
+                      f"pixel AUROC within these crops {auroc(h, m):.3f}; top 10 % of mask pixels "
+                      f"carry {100 * top:.0f} % of the excess", flush=True)
+    finally:
+        tx._photo = photo
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
