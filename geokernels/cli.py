@@ -85,8 +85,11 @@ def _bench(args) -> int:
     from geokernels import benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
-                            compile_reference=not args.no_compile, memory=not args.no_memory)
+    try:
+        results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
+                                compile_reference=not args.no_compile, memory=not args.no_memory)
+    except ValueError as exc:   # unknown --ops name
+        raise SystemExit(f"error: --{exc}") from None
     print(f"\ngeokernels bench on {device} (median step time; x ref / x compiled = speed-up of "
           f"this row over the reference eager / torch.compile(reference); % copy BW = GB/s over "
           f"the measured device copy bandwidth, CUDA only)")

@@ -36,6 +36,17 @@ def test_run_builds_only_the_selected_ops(monkeypatch):
     assert "qc2_loss" in gkbench.format_table(results)
 
 
+def test_unknown_op_is_an_error(capsys):
+    import pytest
+
+    from geokernels.cli import main
+
+    with pytest.raises(ValueError, match="ops: no benchmark cases for \\['qc3_loss'\\]"):
+        gkbench.run("cpu", ops=["qc3_loss"], progress=False)
+    with pytest.raises(SystemExit, match="--ops: no benchmark cases.*known:.*qc2_loss"):
+        main(["bench", "--device", "cpu", "--ops", "qc3_loss"])
+
+
 def test_register_case_bare_and_named(monkeypatch):
     monkeypatch.setattr(gkbench, "_CASES", [])
     monkeypatch.setattr(gkbench, "_load_cases", lambda: None)

@@ -348,3 +348,19 @@ def test_run_demo_quick_cuda(tmp_path, tiny_checkpoint):
                        checkpoint=tiny_checkpoint)
     check_summary(summary, tmp_path, with_checkpoint=True)
     assert summary["kernels"]["device"].startswith("cuda")
+
+
+def test_kernels_stage_notes_an_op_without_bench_case(tmp_path, monkeypatch):
+    """An op registered with a backend but no benchmark case is noted, not a crash (the harness
+    raises ValueError for unknown op names)."""
+    from geokernels import _backend
+
+    ops = set(_backend.registered_ops()) | {"op_without_case"}
+    monkeypatch.setattr(_backend, "registered_ops", lambda: ops)
+    monkeypatch.setitem(demo_stages.KERNEL_SETTINGS, True,
+                        dict(min_time=0.0, ops=("qc2_loss", "op_without_case"), budget_s=60.0))
+    ctx = demo_stages.StageContext(out_dir=str(tmp_path), device=torch.device("cpu"), quick=True,
+                                   progress=False, name="kernels")
+    res = demo_stages.run_kernels(ctx)
+    assert "op_without_case: no benchmark case registered" in res.notes
+    assert "qc2_loss.reference_ms" in res.metrics
