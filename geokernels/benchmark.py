@@ -51,6 +51,10 @@ class Result:
 _CASES: list[Callable[[torch.device, bool], list[Case]]] = []
 
 
+class UnknownOpError(ValueError):
+    """``run(ops=...)`` named an op that no registered benchmark case times."""
+
+
 def register_case(factory: Callable[[torch.device, bool], list[Case]] | None = None, *,
                   op: str | None = None):
     """Register ``factory(device, quick) -> [Case]``; usable as a decorator, bare or as
@@ -182,7 +186,7 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
         ops = [ops]
     named = {getattr(f, "bench_op", None) for f in _CASES}
     if ops is not None and None not in named and set(ops) - named:
-        raise ValueError(f"ops: no benchmark cases for {sorted(set(ops) - named)}; "
+        raise UnknownOpError(f"ops: no benchmark cases for {sorted(set(ops) - named)}; "
                          f"known: {sorted(named)}")
     factories = [f for f in _CASES
                  if ops is None or getattr(f, "bench_op", None) in (None, *ops)]

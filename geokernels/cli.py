@@ -88,7 +88,7 @@ def _bench(args) -> int:
     try:
         results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
                                 compile_reference=not args.no_compile, memory=not args.no_memory)
-    except ValueError as exc:   # unknown --ops name
+    except benchmark.UnknownOpError as exc:
         raise SystemExit(f"error: --{exc}") from None
     print(f"\ngeokernels bench on {device} (median step time; x ref / x compiled = speed-up of "
           f"this row over the reference eager / torch.compile(reference); % copy BW = GB/s over "

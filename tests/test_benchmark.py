@@ -41,7 +41,7 @@ def test_unknown_op_is_an_error(capsys):
 
     from geokernels.cli import main
 
-    with pytest.raises(ValueError, match="ops: no benchmark cases for \\['qc3_loss'\\]"):
+    with pytest.raises(gkbench.UnknownOpError, match="ops: no benchmark cases for \\['qc3_loss'\\]"):
         gkbench.run("cpu", ops=["qc3_loss"], progress=False)
     with pytest.raises(SystemExit, match="--ops: no benchmark cases.*known:.*qc2_loss"):
         main(["bench", "--device", "cpu", "--ops", "qc3_loss"])
@@ -68,3 +68,18 @@ def test_register_case_bare_and_named(monkeypatch):
     assert calls == ["bare"]              # an unnamed factory is always built, then filtered
     gkbench.run(torch.device("cpu"), progress=False)
     assert calls == ["bare", "bare", "qc1_loss"]
+
+
+def test_a_failing_factory_is_not_an_unknown_op(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(gkbench, "_CASES", [])
+    monkeypatch.setattr(gkbench, "_load_cases", lambda: None)
+
+    @gkbench.register_case(op="cgpm")
+    def broken(device, quick):
+        raise ValueError("corrupt checkpoint")
+
+    with pytest.raises(ValueError, match="corrupt checkpoint") as info:
+        gkbench.run("cpu", ops=["cgpm"], progress=False)
+    assert not isinstance(info.value, gkbench.UnknownOpError)

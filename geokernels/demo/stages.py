@@ -574,7 +574,7 @@ def run_kernels(ctx: StageContext) -> StageResult:
         try:
             results = benchmark.run(ctx.device, ops=[op], quick=True, compile_reference=False,
                                     memory=True, min_time=s["min_time"], progress=False)
-        except ValueError:   # an op with a backend but no bench case: say so, go on
+        except benchmark.UnknownOpError:   # a backend but no bench case: say so, go on
             results = []
         bar.update()
         if not results:
