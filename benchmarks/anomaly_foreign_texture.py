@@ -39,7 +39,9 @@ def main(argv):
                 if d == "foreign_texture":
                     sources.clear()
                     item, clean = ds.generate(i)
-                    items.append(item), cleans.append(clean), src.append(sources[-1])
+                    items.append(item)
+                    cleans.append(clean)
+                    src.append(sources[-1])
             x = torch.stack([s["image"] for s in items])
             mask = torch.stack([s["mask"][0] for s in items]).bool()
             heat, _ = det.score(x, category=cat)

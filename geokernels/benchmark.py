@@ -187,7 +187,7 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
     named = {getattr(f, "bench_op", None) for f in _CASES}
     if ops is not None and None not in named and set(ops) - named:
         raise UnknownOpError(f"ops: no benchmark cases for {sorted(set(ops) - named)}; "
-                         f"known: {sorted(named)}")
+                             f"known: {sorted(named)}")
     factories = [f for f in _CASES
                  if ops is None or getattr(f, "bench_op", None) in (None, *ops)]
     cases = [c for f in factories for c in f(device, quick) if ops is None or c.op in ops]
