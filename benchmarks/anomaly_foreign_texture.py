@@ -3,13 +3,17 @@
 For every foreign_texture test crop of a category, grouped by the photo the patch came from:
 mean heatmap inside the mask (and on the same pixels of the defect-free crop), mean outside, the
 pixel AUROC of mask pixels against the other pixels of the same crops, and the share of the
-in-mask excess carried by the top 10 % of mask pixels. SPEC-default scoring (K=8, T=24, min, r=2,
-no smoothing). Results: benchmarks/RESULTS.md.
+in-mask excess carried by the top 10 % of mask pixels; then, over all foreign-texture crops, the
+mask split into its seam (the outer 3 pixels) and its interior, each ranked against the pixels
+outside the mask. SPEC-default scoring (K=8, T=24, min, r=2, no smoothing). Results:
+benchmarks/RESULTS.md.
 
     PYTHONPATH=. python benchmarks/anomaly_foreign_texture.py [detector.pt] [category ...]
 """
 import sys
 
+import numpy as np
+import scipy.ndimage
 import torch
 
 import geokernels.data.textures as tx
@@ -55,6 +59,15 @@ def main(argv):
                       f"(same pixels, clean crop {hc[m].mean():.4f}), outside {h[~m].mean():.4f}; "
                       f"pixel AUROC within these crops {auroc(h, m):.3f}; top 10 % of mask pixels "
                       f"carry {100 * top:.0f} % of the excess", flush=True)
+            interior = torch.from_numpy(np.stack(
+                [scipy.ndimage.binary_erosion(m.numpy(), iterations=3) for m in mask]))
+            outside = ~mask
+            for part, sel in (("seam (outer 3 px of the mask)", mask & ~interior),
+                              ("interior", interior)):
+                keep = sel | outside
+                print(f"{cat}, all sources, {part}: {int(sel.sum())} pixels, mean H "
+                      f"{heat[sel].mean():.4f} vs outside {heat[outside].mean():.4f}; pixel AUROC "
+                      f"against outside {auroc(heat[keep], sel[keep]):.3f}", flush=True)
     finally:
         tx._photo = photo
 
