@@ -138,8 +138,8 @@ def _paths_kernel(x_ptr, noise_ptr, out_ptr, coef_ptr, CHW, K, path_start, seed_
 
 
 @triton.jit
-def _mismatch(v_ptr, x_ptr, noise_ptr, n, b, k, p, mask, C, HW, seed_lo, seed_hi, image0,
-              HAS_NOISE: tl.constexpr, CDT: tl.constexpr):
+def _mismatch(v_ptr, x_ptr, noise_ptr, n, b, k, p, mask, C: tl.constexpr, HW, seed_lo, seed_hi,
+              image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr):
     """sum_c (v[n] - (x[b] - eps(b, k)))^2 at pixels p (any broadcastable index shapes)."""
     d = tl.zeros(p.shape, CDT) + tl.zeros(n.shape, CDT)
     for c in range(C):
@@ -156,8 +156,8 @@ def _mismatch(v_ptr, x_ptr, noise_ptr, n, b, k, p, mask, C, HW, seed_lo, seed_hi
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0", "path_start"])
-def _delta_kernel(v_ptr, x_ptr, noise_ptr, out_ptr, C, HW, K, path_start, seed_lo, seed_hi,
-                  image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+def _delta_kernel(v_ptr, x_ptr, noise_ptr, out_ptr, C: tl.constexpr, HW, K, path_start, seed_lo,
+                  seed_hi, image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     local = tl.program_id(0).to(tl.int64)
     n = path_start + local
     p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -193,9 +193,10 @@ def _aggregate_tile(d, kvalid, K, rank, MEAN: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0"])
-def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, C, HW, K, rank,
-                       seed_lo, seed_hi, image0, HAS_NOISE: tl.constexpr, MEAN: tl.constexpr,
-                       CDT: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, C: tl.constexpr,
+                       HW, K, rank, seed_lo, seed_hi, image0, HAS_NOISE: tl.constexpr,
+                       MEAN: tl.constexpr, CDT: tl.constexpr, KP: tl.constexpr,
+                       BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     k = tl.arange(0, KP).to(tl.int64)

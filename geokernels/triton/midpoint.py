@@ -38,8 +38,8 @@ def _load_shifted(base, i, j, H, W, valid, other):
 
 
 @triton.jit
-def _sweep_kernel(in_ptr, out_ptr, src_in_ptr, src_out_ptr, dy_ptr, dx_ptr, K, H, W,
-                  change_ptr, stopped_ptr, TRACK: tl.constexpr,
+def _sweep_kernel(in_ptr, out_ptr, src_in_ptr, src_out_ptr, dy_ptr, dx_ptr, K: tl.constexpr,
+                  H, W, change_ptr, stopped_ptr, TRACK: tl.constexpr,
                   BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
     tiles_w = tl.cdiv(W, BW)

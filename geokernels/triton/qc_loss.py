@@ -290,7 +290,7 @@ def _qc1_alignment(ux, uy, nx, ny, EXACT_MUL: tl.constexpr):
 
 
 @triton.jit
-def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS,
+def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS: tl.constexpr,
                     WRITE_MAP: tl.constexpr, CDT: tl.constexpr, EXACT_MUL: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
@@ -319,8 +319,9 @@ def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS,
 
 
 @triton.jit
-def _qc1_bwd_gather_kernel(u_ptr, w_ptr, off_ptr, dir_ptr, t_ptr, ax_ptr, ay_ptr, H, W, NOFF,
-                           W_MAP: tl.constexpr, CDT: tl.constexpr, EXACT_MUL: tl.constexpr,
+def _qc1_bwd_gather_kernel(u_ptr, w_ptr, off_ptr, dir_ptr, t_ptr, ax_ptr, ay_ptr, H, W,
+                           NOFF: tl.constexpr, W_MAP: tl.constexpr, CDT: tl.constexpr,
+                           EXACT_MUL: tl.constexpr,
                            BH: tl.constexpr, BW: tl.constexpr):
     """T, AX, AY of qc1_math.h at every pixel; W(q) = w_ptr map (W_MAP) or the scalar w_ptr[0]."""
     pid = tl.program_id(0)
