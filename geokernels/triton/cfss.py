@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from geokernels.ops.cfss import num_saved_states
+from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -57,21 +58,10 @@ def _dual(u_ptr, q_ptr, t0_ptr, t1_ptr, i, j, H, W, tau, NONNEG: tl.constexpr, C
 
 
 @triton.jit
-def _tile(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    tiles_w = tl.cdiv(W, BW)
-    tiles_h = tl.cdiv(H, BH)
-    plane = pid // (tiles_w * tiles_h)
-    rem = pid % (tiles_w * tiles_h)
-    i = (rem // tiles_w) * BH + tl.arange(0, BH)[:, None]
-    j = (rem % tiles_w) * BW + tl.arange(0, BW)[None, :]
-    return plane.to(tl.int64), i, j
-
-
-@triton.jit
 def _init_kernel(o_ptr, p_ptr, u_ptr, q_ptr, H, W, CDT: tl.constexpr, BH: tl.constexpr,
                  BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile(pid, H, W, BH, BW)
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     off = plane * H * W + i * W + j
     valid = (i < H) & (j < W)
     eps = tl.load(p_ptr).to(CDT)
@@ -85,7 +75,7 @@ def _step_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, un_ptr, qn_ptr, z_
                  HALF: tl.constexpr, NONNEG: tl.constexpr, LAST: tl.constexpr, CDT: tl.constexpr,
                  BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile(pid, H, W, BH, BW)
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     ub = u_ptr + plane * hw
     qb = q_ptr + plane * hw
@@ -139,7 +129,7 @@ def _reverse_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, 
                     gt_ptr, sums_ptr, H, W, HALF: tl.constexpr, NONNEG: tl.constexpr,
                     HAS_GQ: tl.constexpr, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile(pid, H, W, BH, BW)
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     ub = u_ptr + plane * hw
     qb = q_ptr + plane * hw
@@ -223,23 +213,14 @@ def gaussian_taps(sigma: torch.Tensor, halfsize: int) -> torch.Tensor:
     return torch.stack((w, dw)).contiguous()
 
 
-def _cdt(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _grid(o: torch.Tensor):
-    B, C, H, W = o.shape
-    return (B * C * triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W),)
-
-
 class _Runner:
     """Launches for one call; states are (2, B, C, H, W) tensors (u, q)."""
 
     def __init__(self, o, T, params, halfsize, q_nonneg):
         self.o, self.T, self.params = o, T, params
         self.H, self.W = o.shape[-2:]
-        self.grid = _grid(o)
-        self.kw = dict(CDT=_cdt(o.dtype), BH=BLOCK_H, BW=BLOCK_W)
+        self.grid = tile_grid(o, BLOCK_H, BLOCK_W)
+        self.kw = dict(CDT=compute_dtype(o.dtype), BH=BLOCK_H, BW=BLOCK_W)
         self.half, self.nonneg = halfsize, q_nonneg
         self.taps = gaussian_taps(params[3], halfsize)
 

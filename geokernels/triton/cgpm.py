@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from geokernels.triton import qc_loss as _qc
+from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -51,8 +52,8 @@ def _adam_epilogue(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm, idx, valid, 
 def _cgpm_c2_step_kernel(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm_ptr, H, W,
                          RELU: tl.constexpr, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _qc._tile_coords(pid, H, W, BH, BW)
-    off = plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    off = plane * H * W
     valid = (i < H) & (j < W)
     prm = prm_ptr
     qc_weight = tl.load(prm + 8)
@@ -71,17 +72,12 @@ def _cgpm_c2_step_kernel(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm_ptr, H,
 def _cgpm_c1_finish_kernel(t_ptr, ax_ptr, ay_ptr, u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr,
                            prm_ptr, H, W, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _qc._tile_coords(pid, H, W, BH, BW)
-    off = plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    off = plane * H * W
     valid = (i < H) & (j < W)
     grad_shape = _qc._qc1_adjoint(t_ptr, ax_ptr, ay_ptr, off, i, j, H, W, valid).to(CDT)
     _adam_epilogue(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm_ptr, off + i * W + j, valid,
                    grad_shape, CDT)
-
-
-def _grid(u: torch.Tensor):
-    B, C, H, W = u.shape
-    return (B * C * triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W),)
 
 
 def _param_table(first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin, beta, eps,
@@ -107,12 +103,12 @@ def cgpm_steps(o: torch.Tensor, m: torch.Tensor, v: torch.Tensor, u0: torch.Tens
     v = v.contiguous().clone()
     u0 = u0.contiguous()
     cdt_torch = _qc._compute_torch_dtype(o.dtype)
-    cdt = _qc._compute_dtype(o.dtype)
+    cdt = compute_dtype(o.dtype)
     history = torch.zeros((steps if return_history else 0,), dtype=torch.float64, device=o.device)
     if steps == 0:
         return o, m, v, history.to(o.dtype)
     H, W = o.shape[-2:]
-    grid = _grid(o)
+    grid = tile_grid(o, BLOCK_H, BLOCK_W)
     table = _param_table(first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin,
                          beta, eps, grad_threshold, window, o.numel(), cdt_torch, o.device)
     u_cur = torch.sigmoid(o)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+
 BLOCK_H = 16
 BLOCK_W = 32
 
@@ -66,22 +68,11 @@ def _grads(x_ptr, f0_ptr, f1_ptr, g_ptr, i, j, H, W, eps, w_scalar, GRAD_MAP: tl
 
 
 @triton.jit
-def _tile(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    tiles_w = tl.cdiv(W, BW)
-    tiles_h = tl.cdiv(H, BH)
-    plane = pid // (tiles_w * tiles_h)
-    rem = pid % (tiles_w * tiles_h)
-    i = (rem // tiles_w) * BH + tl.arange(0, BH)[:, None]
-    j = (rem % tiles_w) * BW + tl.arange(0, BW)[None, :]
-    return plane.to(tl.int64), i, j
-
-
-@triton.jit
 def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, eps_ptr, WRITE_MAP: tl.constexpr,
                     CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
     eps = tl.load(eps_ptr).to(CDT)  # a tensor: a Python float argument would arrive as float32
-    plane, i, j = _tile(pid, H, W, BH, BW)
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     xb = x_ptr + plane * hw
     f0b = f_ptr + 2 * plane * hw
@@ -100,7 +91,7 @@ def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, grad_divisor, eps
                     GRAD_MAP: tl.constexpr, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
     eps = tl.load(eps_ptr).to(CDT)
-    plane, i, j = _tile(pid, H, W, BH, BW)
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     xb = x_ptr + plane * hw
     f0b = f_ptr + 2 * plane * hw
@@ -123,17 +114,8 @@ def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, grad_divisor, eps
     tl.store(gf_ptr + (2 * plane + 1) * hw + off, gf1.to(gf_ptr.dtype.element_ty), mask=valid)
 
 
-def _cdt(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), v, dtype=like.dtype, device=like.device)
-
-
-def _grid(x: torch.Tensor):
-    B, C, H, W = x.shape
-    return (B * C * triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W),)
 
 
 @torch.library.custom_op("geokernels_triton::contour_flow_loss_forward", mutates_args=())
@@ -142,15 +124,15 @@ def contour_flow_loss_forward(logits: torch.Tensor, flow: torch.Tensor, eps: flo
     x = logits.contiguous()
     f = flow.to(x.dtype).contiguous()
     H, W = x.shape[-2:]
-    grid = _grid(x)
+    grid = tile_grid(x, BLOCK_H, BLOCK_W)
     if reduction == "none":
         out = torch.empty_like(x)
-        _cfl_fwd_kernel[grid](x, f, out, out, H, W, _scalar(eps, x), WRITE_MAP=True, CDT=_cdt(x.dtype),
-                              BH=BLOCK_H, BW=BLOCK_W)
+        _cfl_fwd_kernel[grid](x, f, out, out, H, W, _scalar(eps, x), WRITE_MAP=True,
+                              CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
         return out
     partials = torch.empty(grid[0], dtype=torch.float64, device=x.device)
-    _cfl_fwd_kernel[grid](x, f, partials, partials, H, W, _scalar(eps, x), WRITE_MAP=False, CDT=_cdt(x.dtype),
-                          BH=BLOCK_H, BW=BLOCK_W)
+    _cfl_fwd_kernel[grid](x, f, partials, partials, H, W, _scalar(eps, x), WRITE_MAP=False,
+                          CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
     total = partials.sum()
     if reduction == "mean":
         total = total / x.numel()
@@ -174,8 +156,10 @@ def contour_flow_loss_backward(grad: torch.Tensor, logits: torch.Tensor, flow: t
     gf = torch.empty_like(f)
     g = grad.to(x.dtype).contiguous()
     divisor = float(x.numel()) if reduction == "mean" else 1.0
-    _cfl_bwd_kernel[_grid(x)](x, f, g, gx, gf, H, W, divisor, _scalar(eps, x), GRAD_MAP=reduction == "none",
-                              CDT=_cdt(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
+    grid = tile_grid(x, BLOCK_H, BLOCK_W)
+    _cfl_bwd_kernel[grid](x, f, g, gx, gf, H, W, divisor, _scalar(eps, x),
+                          GRAD_MAP=reduction == "none", CDT=compute_dtype(x.dtype), BH=BLOCK_H,
+                          BW=BLOCK_W)
     return gx, gf.to(flow.dtype)
 
 

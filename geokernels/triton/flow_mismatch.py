@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from geokernels.triton._tiles import compute_dtype
+
 ELEM_BLOCK = 256
 PIX_BLOCK = 64
 
@@ -229,10 +231,6 @@ def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, ME
 
 
 # ---- host side ----------------------------------------------------------------------------------
-def _cdt(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _scalars(like: torch.Tensor, values) -> torch.Tensor:
     """Scalars in the compute dtype, filled on the device (no host-device copy or sync)."""
     out = torch.empty(len(values), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
@@ -280,7 +278,7 @@ def paths(x: torch.Tensor, noise: Optional[torch.Tensor], t: float, seed: int, i
     nz = noise.contiguous() if noise is not None else x
     _paths_kernel[(path_count, triton.cdiv(C * H * W, ELEM_BLOCK))](
         x, nz, out, _scalars(x, [1.0 - t, t]), C * H * W, num_paths, path_start, lo, hi, image_offset,
-        HAS_NOISE=noise is not None, CDT=_cdt(x.dtype), BLOCK=ELEM_BLOCK)
+        HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=ELEM_BLOCK)
     return out
 
 
@@ -302,7 +300,7 @@ def delta(v: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], seed:
     nz = noise.contiguous() if noise is not None else x
     _delta_kernel[(count, triton.cdiv(H * W, PIX_BLOCK))](
         v, x, nz, out, C, H * W, num_paths, path_start, lo, hi, image_offset,
-        HAS_NOISE=noise is not None, CDT=_cdt(x.dtype), BLOCK=PIX_BLOCK)
+        HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=PIX_BLOCK)
     return out
 
 
@@ -326,7 +324,7 @@ def accumulate_(heat: torch.Tensor, v: torch.Tensor, x: torch.Tensor, noise: Opt
     _accumulate_kernel[grid](work, v, x, nz, flags, _scalars(work, [weight]), C, H * W, num_paths,
                              rank, lo, hi,
                              image_offset, HAS_NOISE=noise is not None, MEAN=mean,
-                             CDT=_cdt(work.dtype), KP=kp, BLOCK=block)
+                             CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
     if work is not heat:
         heat.copy_(work)
     return flags.any()
@@ -347,7 +345,7 @@ def aggregate_(heat: torch.Tensor, delta: torch.Tensor, weight: float, rank: int
     grid = (B, triton.cdiv(H * W, block))
     flags = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=delta.device)
     _aggregate_kernel[grid](work, delta, flags, _scalars(work, [weight]), H * W, K, rank, MEAN=mean,
-                            CDT=_cdt(work.dtype), KP=kp, BLOCK=block)
+                            CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
     if work is not heat:
         heat.copy_(work)
     return flags.any()

@@ -24,6 +24,7 @@ import triton.language as tl
 from geokernels._checks import get_checks
 from geokernels.ops import midpoint as _ops
 from geokernels.reference.midpoint import midpoint_offsets
+from geokernels.triton._tiles import tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -42,15 +43,10 @@ def _sweep_kernel(in_ptr, out_ptr, src_in_ptr, src_out_ptr, dy_ptr, dx_ptr, K: t
                   H, W, change_ptr, stopped_ptr, TRACK: tl.constexpr,
                   BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    tiles_w = tl.cdiv(W, BW)
-    tiles = tl.cdiv(H, BH) * tiles_w
-    plane = pid // tiles
-    rem = pid % tiles
-    i = (rem // tiles_w) * BH + tl.arange(0, BH)[:, None]
-    j = (rem % tiles_w) * BW + tl.arange(0, BW)[None, :]
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
     go = tl.load(stopped_ptr) == 0  # a stopped iteration writes nothing
     valid = (i < H) & (j < W) & go
-    off = plane.to(tl.int64) * H * W
+    off = plane * H * W
     src = in_ptr + off
     old = tl.load(src + i * W + j, mask=valid, other=0.0)
     best = old
@@ -137,7 +133,7 @@ def midpoint_convexify_forward(u: torch.Tensor, radius: float, max_iters: int, t
         srcs[0] = torch.arange(H * W, device=dev).view(1, 1, H, W).expand(B, C, H, W).contiguous()
         srcs[1] = torch.empty_like(srcs[0])
     dy, dx, K = _pair_offsets(radius, dev)
-    grid = (B * C * triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W),)
+    grid = tile_grid(u, BLOCK_H, BLOCK_W)
     change = torch.zeros(grid[0], dtype=torch.float64, device=dev)
     stopped = torch.zeros(1, dtype=torch.int64, device=dev)
     sweeps = torch.zeros((), dtype=torch.int64, device=dev)

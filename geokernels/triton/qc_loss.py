@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+
 BLOCK_H = 16
 BLOCK_W = 64
 
@@ -77,30 +79,19 @@ def _activation(x, beta, RELU: tl.constexpr):
 
 
 @triton.jit
-def _tile_coords(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    tiles_w = tl.cdiv(W, BW)
-    tiles_h = tl.cdiv(H, BH)
-    plane = pid // (tiles_w * tiles_h)
-    rem = pid % (tiles_w * tiles_h)
-    i = (rem // tiles_w) * BH + tl.arange(0, BH)[:, None]
-    j = (rem % tiles_w) * BW + tl.arange(0, BW)[None, :]
-    return plane, i, j
-
-
-@triton.jit
 def _qc2_fwd_kernel(u_ptr, map_ptr, part_ptr, H, W, margin, beta, eps, thr,
                     RELU: tl.constexpr, WRITE_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile_coords(pid, H, W, BH, BW)
-    base = u_ptr + plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    base = u_ptr + plane * H * W
     valid = (i < H) & (j < W)
     ux, uy, uxx, uyy, m = _stencil(base, i, j, W, valid, CDT)
     g, gs, t1, t2, x, pos, msk = _core(ux, uy, uxx, uyy, m, margin, eps, thr)
     phi, dphi = _activation(x, beta, RELU)
     v = phi * g
     if WRITE_MAP:
-        tl.store(map_ptr + plane.to(tl.int64) * H * W + i * W + j, v.to(map_ptr.dtype.element_ty), mask=valid)
+        tl.store(map_ptr + plane * H * W + i * W + j, v.to(map_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(part_ptr + pid, tl.sum(tl.sum(tl.where(valid, v, 0.0).to(tl.float64), axis=1), axis=0))
 
@@ -165,8 +156,8 @@ def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, grad_divisor, margin, beta, eps
                     RELU: tl.constexpr, GRAD_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile_coords(pid, H, W, BH, BW)
-    off = plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    off = plane * H * W
     ub = u_ptr + off
     if GRAD_MAP:
         gb = g_ptr + off
@@ -179,31 +170,22 @@ def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, grad_divisor, margin, beta, eps
     tl.store(out_ptr + off + i * W + j, grad.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _grid(u: torch.Tensor):
-    B, C, H, W = u.shape
-    return (B * C * triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W),)
-
-
 @torch.library.custom_op("geokernels_triton::qc2_loss_forward", mutates_args=())
 def qc2_loss_forward(u: torch.Tensor, margin: float, beta: float, eps: float,
                      grad_threshold: float, activation: str, reduction: str) -> torch.Tensor:
     u = u.contiguous()
     H, W = u.shape[-2:]
-    grid = _grid(u)
+    grid = tile_grid(u, BLOCK_H, BLOCK_W)
     relu = activation == "relu"
     if reduction == "none":
         out = torch.empty_like(u)
         _qc2_fwd_kernel[grid](u, out, out, H, W, margin, beta, eps, grad_threshold,
-                              RELU=relu, WRITE_MAP=True, CDT=_compute_dtype(u.dtype),
+                              RELU=relu, WRITE_MAP=True, CDT=compute_dtype(u.dtype),
                               BH=BLOCK_H, BW=BLOCK_W)
         return out
     partials = torch.empty(grid[0], dtype=torch.float64, device=u.device)
     _qc2_fwd_kernel[grid](u, u, partials, H, W, margin, beta, eps, grad_threshold,
-                          RELU=relu, WRITE_MAP=False, CDT=_compute_dtype(u.dtype),
+                          RELU=relu, WRITE_MAP=False, CDT=compute_dtype(u.dtype),
                           BH=BLOCK_H, BW=BLOCK_W)
     total = partials.sum()
     if reduction == "mean":
@@ -226,9 +208,10 @@ def qc2_loss_backward(grad: torch.Tensor, u: torch.Tensor, margin: float, beta: 
     out = torch.empty_like(u)
     g = grad.to(u.dtype).contiguous()
     divisor = float(u.numel()) if reduction == "mean" else 1.0
-    _qc2_bwd_kernel[_grid(u)](u, g, out, H, W, divisor, margin, beta, eps, grad_threshold,
-                              RELU=activation == "relu", GRAD_MAP=reduction == "none",
-                              CDT=_compute_dtype(u.dtype), BH=BLOCK_H, BW=BLOCK_W)
+    grid = tile_grid(u, BLOCK_H, BLOCK_W)
+    _qc2_bwd_kernel[grid](u, g, out, H, W, divisor, margin, beta, eps, grad_threshold,
+                          RELU=activation == "relu", GRAD_MAP=reduction == "none",
+                          CDT=compute_dtype(u.dtype), BH=BLOCK_H, BW=BLOCK_W)
     return out
 
 
@@ -294,8 +277,8 @@ def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS: tl
                     WRITE_MAP: tl.constexpr, CDT: tl.constexpr, EXACT_MUL: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile_coords(pid, H, W, BH, BW)
-    base = u_ptr + plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    base = u_ptr + plane * H * W
     valid = (i < H) & (j < W)
     uc, ux, uy = _qc1_diffs(base, i, j, H, W, valid, CDT)
     acc = tl.zeros([BH, BW], dtype=CDT)
@@ -313,7 +296,7 @@ def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS: tl
         acc += mag / (1.0 + tl.exp(uc - nb))
     acc = tl.where(valid, acc, 0.0)
     if WRITE_MAP:
-        tl.store(map_ptr + plane.to(tl.int64) * H * W + i * W + j, acc.to(map_ptr.dtype.element_ty), mask=valid)
+        tl.store(map_ptr + plane * H * W + i * W + j, acc.to(map_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(part_ptr + pid, tl.sum(tl.sum(acc.to(tl.float64), axis=1), axis=0))
 
@@ -321,12 +304,11 @@ def _qc1_fwd_kernel(u_ptr, off_ptr, dir_ptr, map_ptr, part_ptr, H, W, NPAIRS: tl
 @triton.jit
 def _qc1_bwd_gather_kernel(u_ptr, w_ptr, off_ptr, dir_ptr, t_ptr, ax_ptr, ay_ptr, H, W,
                            NOFF: tl.constexpr, W_MAP: tl.constexpr, CDT: tl.constexpr,
-                           EXACT_MUL: tl.constexpr,
-                           BH: tl.constexpr, BW: tl.constexpr):
+                           EXACT_MUL: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """T, AX, AY of qc1_math.h at every pixel; W(q) = w_ptr map (W_MAP) or the scalar w_ptr[0]."""
     pid = tl.program_id(0)
-    plane, i, j = _tile_coords(pid, H, W, BH, BW)
-    off = plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    off = plane * H * W
     base = u_ptr + off
     valid = (i < H) & (j < W)
     uc, ux, uy = _qc1_diffs(base, i, j, H, W, valid, CDT)
@@ -385,8 +367,8 @@ def _qc1_adjoint(t_ptr, ax_ptr, ay_ptr, off, i, j, H, W, valid):
 @triton.jit
 def _qc1_bwd_finish_kernel(t_ptr, ax_ptr, ay_ptr, out_ptr, H, W, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    plane, i, j = _tile_coords(pid, H, W, BH, BW)
-    off = plane.to(tl.int64) * H * W
+    plane, i, j = tile_coords(pid, H, W, BH, BW)
+    off = plane * H * W
     valid = (i < H) & (j < W)
     g = _qc1_adjoint(t_ptr, ax_ptr, ay_ptr, off, i, j, H, W, valid)
     tl.store(out_ptr + off + i * W + j, g.to(out_ptr.dtype.element_ty), mask=valid)
@@ -407,18 +389,13 @@ def qc1_tables(window: int, dtype: torch.dtype, device, half: bool):
     return offsets[keep].to(torch.int32).contiguous(), n[keep].contiguous()
 
 
-def _qc1_grid(u: torch.Tensor):
-    B, C, H, W = u.shape
-    return (B * C * triton.cdiv(H, QC1_BLOCK_H) * triton.cdiv(W, QC1_BLOCK_W),)
-
-
 @torch.library.custom_op("geokernels_triton::qc1_loss_forward", mutates_args=())
 def qc1_loss_forward(u: torch.Tensor, window: int, reduction: str) -> torch.Tensor:
     u = u.contiguous()
     H, W = u.shape[-2:]
-    grid = _qc1_grid(u)
+    grid = tile_grid(u, QC1_BLOCK_H, QC1_BLOCK_W)
     offs, dirs = qc1_tables(window, u.dtype, u.device, half=True)
-    cdt = _compute_dtype(u.dtype)
+    cdt = compute_dtype(u.dtype)
     if reduction == "none":
         out = torch.empty_like(u)
         _qc1_fwd_kernel[grid](u, offs, dirs, out, out, H, W, offs.shape[0], WRITE_MAP=True,
@@ -445,14 +422,14 @@ def qc1_grad(u: torch.Tensor, weight: torch.Tensor, weight_is_map: bool, window:
     """grad u of sum_q W(q) l(q) (u contiguous). ``weight``: the (B, C, H, W) map or a 1-element
     tensor. With finish=False returns the (T, AX, AY) buffers instead (CGPM fuses the rest)."""
     H, W = u.shape[-2:]
-    grid = _qc1_grid(u)
+    grid = tile_grid(u, QC1_BLOCK_H, QC1_BLOCK_W)
     offs, dirs = qc1_tables(window, u.dtype, u.device, half=False)
     cdt = _compute_torch_dtype(u.dtype)
     t = torch.empty(u.shape, dtype=cdt, device=u.device)
     ax = torch.empty_like(t)
     ay = torch.empty_like(t)
     _qc1_bwd_gather_kernel[grid](u, weight, offs, dirs, t, ax, ay, H, W, offs.shape[0],
-                                 W_MAP=weight_is_map, CDT=_compute_dtype(u.dtype),
+                                 W_MAP=weight_is_map, CDT=compute_dtype(u.dtype),
                                  EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
     if not finish:
         return t, ax, ay

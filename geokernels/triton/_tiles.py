@@ -1,0 +1,31 @@
+"""Pieces shared by the 2-D tiled Triton kernels: one program per (BH, BW) tile of one (b, c)
+plane of a contiguous (B, C, H, W) tensor, programs numbered plane-major then row-major."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_coords(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
+    """Program ``pid``'s plane (int64, so plane * H * W cannot overflow), rows (BH, 1) and
+    columns (1, BW); rows/columns past H/W are the caller's to mask."""
+    tiles_w = tl.cdiv(W, BW)
+    tiles = tl.cdiv(H, BH) * tiles_w
+    plane = pid // tiles
+    rem = pid % tiles
+    i = (rem // tiles_w) * BH + tl.arange(0, BH)[:, None]
+    j = (rem % tiles_w) * BW + tl.arange(0, BW)[None, :]
+    return plane.to(tl.int64), i, j
+
+
+def tile_grid(x: torch.Tensor, block_h: int, block_w: int) -> tuple[int]:
+    """Launch grid of ``tile_coords`` kernels over the (B, C, H, W) tensor ``x``."""
+    B, C, H, W = x.shape
+    return (B * C * triton.cdiv(H, block_h) * triton.cdiv(W, block_w),)
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The kernels' accumulation dtype: float64 for float64 tensors, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
