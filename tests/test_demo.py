@@ -191,6 +191,22 @@ def test_cli_quick_subprocess(tmp_path):
         assert f"{name} FAILED" in proc.stderr, proc.stderr
 
 
+def test_without_matplotlib_every_stage_runs_and_notes_the_missing_figures(
+        tmp_path, monkeypatch, tiny_checkpoint):
+    # matplotlib is a dependency, but an offline image (the GPU machine's) may lack it: the
+    # figures are then skipped with a note, and every metric and table is still produced
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # "import matplotlib" -> ImportError
+    summary = run_demo(tmp_path, device="cpu", quick=True, progress=False,
+                       checkpoint=tiny_checkpoint)
+    assert not failed_stages(summary), {k: v.get("error") for k, v in summary.items()}
+    check_summary(summary, tmp_path, with_checkpoint=True)
+    assert check_report_links(tmp_path) == []
+    assert list((tmp_path / "figures").iterdir()) == []
+    with open(tmp_path / "report.html", encoding="utf-8") as fh:
+        text = fh.read()
+    assert text.count("matplotlib is not installed") == len(SECTIONS)
+
+
 # ------------------------------------------------------------------------------ isolation
 def _fake_ok(name):
     def stage(ctx):

@@ -17,6 +17,8 @@ and CUDA runs the SPEC's default settings on more images.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 import os
 import time
@@ -86,6 +88,25 @@ class StageContext:
         fig.savefig(os.path.join(self.out_dir, rel), dpi=100, facecolor="white")
         self.result.figures.append(FigureRef(rel, caption))
         return rel
+
+
+NO_MATPLOTLIB_NOTE = ("Figures not drawn: matplotlib is not installed (pip install matplotlib); "
+                      "the stage's metrics and tables are complete.")
+
+
+def _figure(draw):
+    """Figures are optional: without matplotlib a figure function draws nothing and the stage
+    notes it once, keeping its metrics and tables (a GPU image may lack matplotlib)."""
+    @functools.wraps(draw)
+    def wrapper(ctx, *args, **kwargs):
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            if NO_MATPLOTLIB_NOTE not in ctx.result.notes:
+                ctx.result.notes.append(NO_MATPLOTLIB_NOTE)
+            return None
+        return draw(ctx, *args, **kwargs)
+    return wrapper
 
 
 def _new_figure(width: float, height: float):
@@ -226,6 +247,7 @@ def run_anomaly(ctx: StageContext) -> StageResult:
     return res
 
 
+@_figure
 def _anomaly_figures(ctx, shown, n_show):
     """Rows per category: the image (ground-truth outline in green) over its heatmap overlay."""
     cols = []
@@ -274,6 +296,7 @@ def _anomaly_figures(ctx, shown, n_show):
                     "and defective test crops; ground-truth defects outlined in green (top rows).")
 
 
+@_figure
 def _score_figure(ctx, all_scores):
     fig = _new_figure(2.4 * len(all_scores) + 0.6, 3.0)
     axes = fig.subplots(1, len(all_scores), squeeze=False)[0]
@@ -421,6 +444,14 @@ def run_convexity(ctx: StageContext) -> StageResult:
         f"Midpoint convexification: radius {s['radius']:g}, iterated to its fixed point (Jacobi "
         f"sweeps, {int(min(sweeps))}-{int(max(sweeps))} sweeps). CGPM: method c2, "
         f"{s['cgpm_steps']} Adam steps, lr {s['cgpm_lr']:g}, on logit(u).")
+    _convexity_figure(ctx, names, methods, titles, outputs, sol)
+    if missing:
+        raise StageError(missing)
+    return res
+
+
+@_figure
+def _convexity_figure(ctx, names, methods, titles, outputs, sol):
     fig = _new_figure(2.0 * len(methods) + 0.4, 2.0 * len(names) + 0.3)
     grid = fig.subplots(len(names), len(methods), squeeze=False)
     for i, name in enumerate(names):
@@ -435,9 +466,6 @@ def run_convexity(ctx: StageContext) -> StageResult:
     ctx.save_figure(fig, "convexity.png",
                     "Soft masks before (left) and after midpoint convexification and CGPM; the red "
                     "line is the 0.5 level whose solidity is given.")
-    if missing:
-        raise StageError(missing)
-    return res
 
 
 # ------------------------------------------------------------------------------ contour flow
@@ -510,6 +538,7 @@ def run_contour_flow(ctx: StageContext) -> StageResult:
     return res
 
 
+@_figure
 def _contour_flow_figure(ctx, masks, flow, preds, level):
     from geokernels.metrics import dice
 
@@ -625,6 +654,7 @@ def run_kernels(ctx: StageContext) -> StageResult:
     return res
 
 
+@_figure
 def _kernel_figure(ctx, headline):
     labels = [f"{op} ({impl})" for op, impl, *_ in headline]
     speed = [h[2] or float("nan") for h in headline]
