@@ -21,12 +21,19 @@ from geokernels.metrics import auroc
 from geokernels.models.detector import FlowMismatchDetector
 
 
-def main(argv):
+def detector_and_categories(argv):
+    """(detector on CPU, categories) from '[detector.pt] [category ...]' (default: the shipped
+    detector; grass and gravel, where foreign texture is missed)."""
     torch.set_num_threads(2)
     path = argv[0] if argv and argv[0].endswith(".pt") else None
     categories = [a for a in argv if not a.endswith(".pt")] or ["grass", "gravel"]
     det = FlowMismatchDetector.load(path, device="cpu") if path else \
         FlowMismatchDetector.pretrained(device="cpu")
+    return det, categories
+
+
+def main(argv):
+    det, categories = detector_and_categories(argv)
     size = next(iter(det.members.values())).config["image_size"]
     photo, sources = tx._photo, []
 

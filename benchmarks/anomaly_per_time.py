@@ -15,8 +15,9 @@ import torch
 
 from geokernels.data.textures import TEXTURE_DEFECT_TYPES, TextureAnomalyDataset
 from geokernels.metrics import auroc
-from geokernels.models.detector import FlowMismatchDetector
 from geokernels.reference.flow_mismatch import flow_mismatch_noise
+
+from anomaly_foreign_texture import detector_and_categories  # the sibling script
 
 K, T = 8, 24
 
@@ -37,11 +38,7 @@ def per_time_mismatch(model, x, cond):
 
 
 def main(argv):
-    torch.set_num_threads(2)
-    path = argv[0] if argv and argv[0].endswith(".pt") else None
-    categories = [a for a in argv if not a.endswith(".pt")] or ["grass", "gravel"]
-    det = FlowMismatchDetector.load(path, device="cpu") if path else \
-        FlowMismatchDetector.pretrained(device="cpu")
+    det, categories = detector_and_categories(argv)
     if None not in det.members:
         raise SystemExit("this script reads class-conditional or single-model detectors")
     model = det.members[None].eval()
