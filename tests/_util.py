@@ -1,9 +1,12 @@
 """Test helpers: relative errors, per-dtype tolerances, the backends to run on this machine."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+import geokernels
 from geokernels import _backend
 
 # relative L2 tolerance per dtype (issue: <= 1e-12 float64, <= 1e-5 float32)
@@ -56,3 +59,19 @@ def backend_device_params(op: str):
                 continue
             params.append(pytest.param(dev, b, id=f"{dev}-{b}", marks=marks))
     return params
+
+
+@contextlib.contextmanager
+def cpu_build(isa: str = "auto", threads: int | None = None):
+    """Run the CPU kernels with the ``isa`` build ("base": portable, "auto": the best SIMD one
+    this CPU has) and ``threads`` torch threads; both are restored on exit."""
+    ext = geokernels._extension.extension()
+    saved = torch.get_num_threads()
+    try:
+        ext._set_cpu_isa(isa)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        ext._set_cpu_isa("auto")
+        torch.set_num_threads(saved)

@@ -14,7 +14,7 @@ import torch
 
 import geokernels
 from geokernels import _backend
-from tests._op_specs import SPECS, OpSpec, TensorArg
+from tests._op_specs import SPECS, OpSpec
 from tests._util import RTOL, assert_close_rel, requires_cuda
 
 

@@ -1,7 +1,6 @@
 """cfss_iterate (SPEC.md 2.4): every backend vs the literal reference loop (autograd through it
 is the gradient oracle), the float32 "2x rule", checkpoint modes, the constraint residual, the
 adjoint identity of the shared difference operators, and bad input."""
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 import geokernels
 from geokernels import reference
 from geokernels.reference.contour_flow import cfss_constraint_residual, div_backward, grad_forward
-from tests._util import assert_close_rel, backend_device_params, rel_err, requires_cuda
+from tests._util import assert_close_rel, backend_device_params, cpu_build, rel_err, requires_cuda
 
 SCALARS = ("eps", "tau", "lam", "sigma")
 OPTIONS = [
@@ -285,19 +284,12 @@ def test_torch_compile_fullgraph():
 def test_deterministic_threads_and_isa_builds_agree():
     o = torch.randn(3, 1, 70, 41) * 2
     T = _field((3, 1, 70, 41), torch.float32)
-    ext = geokernels._extension.extension()
-    threads = torch.get_num_threads()
     outs = []
-    try:
-        for isa, nthreads in (("base", threads), ("auto", threads), ("auto", threads), ("auto", 1)):
-            ext._set_cpu_isa(isa)
-            torch.set_num_threads(nthreads)
+    for isa, nthreads in (("base", None), ("auto", None), ("auto", None), ("auto", 1)):
+        with cpu_build(isa, nthreads):
             z, leaves = _run(o, T, "cpu", iters=12, checkpoint="recompute")
             g = torch.autograd.grad(z, leaves, torch.ones_like(z))
-            outs.append((z.detach(),) + g)
-    finally:
-        ext._set_cpu_isa("auto")
-        torch.set_num_threads(threads)
+        outs.append((z.detach(),) + g)
     for other in outs[2:]:  # run to run and for any thread count: bit-identical
         assert all(torch.equal(a, b) for a, b in zip(outs[1], other))
     for a, b in zip(outs[0], outs[1]):  # baseline vs SIMD build: rounding-level differences

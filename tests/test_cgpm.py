@@ -6,7 +6,7 @@ import torch
 import geokernels
 from geokernels import reference
 from geokernels.reference import dconvex as ref_dconvex
-from tests._util import backend_device_params, backends_for, rel_err, requires_cuda
+from tests._util import backend_device_params, backends_for, cpu_build, rel_err, requires_cuda
 
 METHODS = [("c2", {}), ("c2", dict(activation="relu", margin=0.01)), ("c1", dict(window=5))]
 METHOD_IDS = ["c2", "c2-relu", "c1-w5"]
@@ -192,12 +192,8 @@ def test_deterministic_and_thread_independent():
 def test_isa_builds_agree():
     # the baseline and the AVX2 build of the fused step both match the float64 reference
     logits = _logits((1, 1, 30, 33))
-    ext = geokernels._extension.extension()
-    try:
-        ext._set_cpu_isa("base")
+    with cpu_build("base"):
         base = geokernels.cgpm(logits, steps=10, backend="cpu")
-    finally:
-        ext._set_cpu_isa("auto")
     simd = geokernels.cgpm(logits, steps=10, backend="cpu")
     ref64 = reference.cgpm(logits, steps=10)
     assert rel_err(base, ref64) <= 1e-9 and rel_err(simd, ref64) <= 1e-9

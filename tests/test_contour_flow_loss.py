@@ -7,7 +7,7 @@ import torch
 import geokernels
 from geokernels import reference
 from tests._util import assert_close_rel as _assert_close_rel
-from tests._util import backend_device_params, rel_err, requires_cuda
+from tests._util import backend_device_params, cpu_build, rel_err, requires_cuda
 
 
 def assert_close_rel(out, ref, dtype=None, factor=1.0, what=""):
@@ -159,18 +159,14 @@ def test_torch_compile_fullgraph():
 def test_deterministic_and_isa_builds_agree():
     x = torch.randn(4, 2, 37, 41)
     f = torch.randn(4, 4, 37, 41)
-    ext = geokernels._extension.extension()
     outs = []
-    try:
-        for isa in ("base", "auto", "auto"):
-            ext._set_cpu_isa(isa)
+    for isa in ("base", "auto", "auto"):
+        with cpu_build(isa):
             x_k = x.clone().requires_grad_()
             f_k = f.clone().requires_grad_()
             loss = geokernels.contour_flow_loss(x_k, f_k, backend="cpu")
             loss.backward()
-            outs.append((loss.detach(), x_k.grad, f_k.grad))
-    finally:
-        ext._set_cpu_isa("auto")
+        outs.append((loss.detach(), x_k.grad, f_k.grad))
     assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))  # run to run: bit-identical
     for a, b in zip(outs[0], outs[1]):  # baseline vs SIMD build (2-ULP exp there): rounding level
         assert rel_err(a, b) < 1e-5

@@ -10,7 +10,8 @@ import torch
 
 import geokernels
 from geokernels import reference
-from tests._util import assert_close_rel, backend_device_params, backends_for, requires_cuda
+from tests._util import (assert_close_rel, backend_device_params, backends_for, cpu_build,
+                         requires_cuda)
 
 AGGS = ["min", "mean", "median", "quantile:0.3", "quantile:1"]
 
@@ -176,18 +177,11 @@ def test_deterministic_across_threads_and_isa():
     x, _ = _inputs(2, 3, 33, 35, 3, torch.float32)
     model = MixingModel(3)
     kw = dict(K=3, T=2, agg="median", backend="cpu")
-    ext = geokernels._extension.extension()
-    threads = torch.get_num_threads()
-    try:
-        outs = [geokernels.flow_mismatch(model, x, **kw)]
-        torch.set_num_threads(1)
+    outs = [geokernels.flow_mismatch(model, x, **kw)]
+    with cpu_build("auto", threads=1):
         outs.append(geokernels.flow_mismatch(model, x, **kw))
-        torch.set_num_threads(threads)
-        ext._set_cpu_isa("base")
+    with cpu_build("base"):
         base = geokernels.flow_mismatch(model, x, **kw)
-    finally:
-        torch.set_num_threads(threads)
-        ext._set_cpu_isa("auto")
     assert torch.equal(outs[0], outs[1])
     # same noise bits in both builds; only the path/reduction arithmetic may round differently
     torch.testing.assert_close(base, outs[0], rtol=1e-5, atol=1e-6)

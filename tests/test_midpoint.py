@@ -12,7 +12,7 @@ import torch
 import geokernels
 from geokernels.data.synthetic import notebook_shape, sector_disk_mask
 from geokernels.reference import midpoint as ref
-from tests._util import backend_device_params, backends_for, requires_cuda
+from tests._util import backend_device_params, backends_for, cpu_build, requires_cuda
 
 OP = torch.ops.geokernels.midpoint_convexify_forward
 PARAMS = backend_device_params("midpoint_convexify")
@@ -228,17 +228,11 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("mode", ["jacobi", "fast"])
 def test_deterministic_threads_and_isa(mode):
     u = _kind_input("ties", (3, 2, 45, 131), torch.float32, 6)
-    ext = geokernels._extension.extension()
     threads = torch.get_num_threads()
     results = []
-    try:
-        for isa, n in (("base", 1), ("auto", 1), ("auto", max(2, threads))):
-            ext._set_cpu_isa(isa)
-            torch.set_num_threads(n)
+    for isa, n in (("base", 1), ("auto", 1), ("auto", max(2, threads))):
+        with cpu_build(isa, n):
             results.append(OP(u, 3.0, 300, 0.0, mode, True))
-    finally:
-        ext._set_cpu_isa("auto")
-        torch.set_num_threads(threads)
     for out, src, sweeps in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(src, results[0][1])
         assert int(sweeps) == int(results[0][2])

@@ -9,7 +9,7 @@ import torch
 
 import geokernels
 from geokernels import reference
-from tests._util import backends_for, requires_cuda
+from tests._util import backends_for, cpu_build, requires_cuda
 
 # Random123 known-answer tests for philox4x32 with 10 rounds: (counter, key, output)
 KAT = [
@@ -65,15 +65,11 @@ def test_noise_follows_documented_stream(shape, seed):
 
 def test_cpu_builds_bit_identical():
     """Scalar (baseline) and AVX2 builds produce the same bits (explicit-fma discipline)."""
-    ext = geokernels._extension.extension()
     x = torch.zeros(2, 3, 19, 21)  # odd sizes: partial groups at every path boundary
     outs = []
-    try:
-        for isa in ("base", "auto"):
-            ext._set_cpu_isa(isa)
+    for isa in ("base", "auto"):
+        with cpu_build(isa):
             outs.append(_noise(x, K=3, seed=99, offset=7))
-    finally:
-        ext._set_cpu_isa("auto")
     assert torch.equal(outs[0], outs[1])
 
 

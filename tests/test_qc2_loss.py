@@ -6,7 +6,7 @@ import torch
 
 import geokernels
 from geokernels import reference
-from tests._util import assert_close_rel, backend_device_params, requires_cuda
+from tests._util import assert_close_rel, backend_device_params, cpu_build, requires_cuda
 
 SHAPES = [(1, 1, 1, 1), (1, 1, 2, 2), (2, 3, 17, 23), (1, 1, 5, 40), (3, 1, 33, 9)]
 OPTIONS = [
@@ -124,17 +124,13 @@ def test_torch_compile_fullgraph():
 
 def test_deterministic_and_isa_builds_agree():
     u = torch.rand(4, 2, 37, 41, dtype=torch.float32)
-    ext = geokernels._extension.extension()
     outs = []
-    try:
-        for isa in ("base", "auto", "auto"):
-            ext._set_cpu_isa(isa)
+    for isa in ("base", "auto", "auto"):
+        with cpu_build(isa):
             u_k = u.clone().requires_grad_()
             loss = geokernels.qc2_loss(u_k, backend="cpu")
             loss.backward()
-            outs.append((loss.detach(), u_k.grad))
-    finally:
-        ext._set_cpu_isa("auto")
+        outs.append((loss.detach(), u_k.grad))
     # run to run: bit-identical
     assert torch.equal(outs[1][0], outs[2][0]) and torch.equal(outs[1][1], outs[2][1])
     # baseline vs SIMD build: same math, rounding-level differences only

@@ -136,8 +136,6 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def _load_mask(self, path: str) -> np.ndarray:
-        from PIL import Image
-
         im = _open_image(path)
         arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
         arr = arr.astype(np.float64)
