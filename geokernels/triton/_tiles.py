@@ -26,6 +26,12 @@ def tile_grid(x: torch.Tensor, block_h: int, block_w: int) -> tuple[int]:
     return (B * C * triton.cdiv(H, block_h) * triton.cdiv(W, block_w),)
 
 
+def compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype: float64 for float64 tensors, float32 otherwise (for
+    float16/bfloat16 inputs too)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_dtype(dtype: torch.dtype):
-    """The kernels' accumulation dtype: float64 for float64 tensors, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """:func:`compute_torch_dtype` as a Triton dtype (the kernels' ``CDT`` argument)."""
+    return tl.float64 if compute_torch_dtype(dtype) == torch.float64 else tl.float32

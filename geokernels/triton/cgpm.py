@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from geokernels.triton import qc_loss as _qc
-from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, compute_torch_dtype, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -102,7 +102,7 @@ def cgpm_steps(o: torch.Tensor, m: torch.Tensor, v: torch.Tensor, u0: torch.Tens
     m = m.contiguous().clone()
     v = v.contiguous().clone()
     u0 = u0.contiguous()
-    cdt_torch = _qc._compute_torch_dtype(o.dtype)
+    cdt_torch = compute_torch_dtype(o.dtype)
     cdt = compute_dtype(o.dtype)
     history = torch.zeros((steps if return_history else 0,), dtype=torch.float64, device=o.device)
     if steps == 0:

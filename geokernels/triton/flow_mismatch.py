@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from geokernels.triton._tiles import compute_dtype
+from geokernels.triton._tiles import compute_dtype, compute_torch_dtype
 
 ELEM_BLOCK = 256
 PIX_BLOCK = 64
@@ -233,8 +233,7 @@ def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, ME
 # ---- host side ----------------------------------------------------------------------------------
 def _scalars(like: torch.Tensor, values) -> torch.Tensor:
     """Scalars in the compute dtype, filled on the device (no host-device copy or sync)."""
-    out = torch.empty(len(values), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
-                      device=like.device)
+    out = torch.empty(len(values), dtype=compute_torch_dtype(like.dtype), device=like.device)
     for i, v in enumerate(values):
         out[i] = v
     return out

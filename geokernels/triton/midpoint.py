@@ -24,7 +24,7 @@ import triton.language as tl
 from geokernels._checks import get_checks
 from geokernels.ops import midpoint as _ops
 from geokernels.reference.midpoint import midpoint_offsets
-from geokernels.triton._tiles import tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -175,9 +175,9 @@ def midpoint_convexify_backward(grad: torch.Tensor, sources: torch.Tensor) -> to
     sorted_keys, order = torch.sort(keys, stable=True)
     grad_sorted = grad.reshape(-1)[order].contiguous()
     out = torch.zeros(planes * n + 1, dtype=grad.dtype, device=grad.device)
-    acc = tl.float64 if grad.dtype == torch.float64 else tl.float32
     _segment_sum_kernel[(triton.cdiv(keys.numel(), BLOCK_SEGMENTS),)](
-        sorted_keys, grad_sorted, out, keys.numel(), BLOCK=BLOCK_SEGMENTS, ACC=acc)
+        sorted_keys, grad_sorted, out, keys.numel(), BLOCK=BLOCK_SEGMENTS,
+        ACC=compute_dtype(grad.dtype))
     return out[:-1].view(B, C, H, W)
 
 

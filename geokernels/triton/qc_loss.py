@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, compute_torch_dtype, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 64
@@ -374,16 +374,12 @@ def _qc1_bwd_finish_kernel(t_ptr, ax_ptr, ay_ptr, out_ptr, H, W, BH: tl.constexp
     tl.store(out_ptr + off + i * W + j, g.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def qc1_tables(window: int, dtype: torch.dtype, device, half: bool):
     """(offsets int32 (K', 2), directions (K', 2) in the compute dtype) for the offsets != 0,
     or for one offset of each pair {d, -d} when ``half`` (dy > 0, or dy == 0 and dx > 0)."""
     from geokernels.reference.dconvex import qc1_offsets
 
-    offsets, n = qc1_offsets(window, _compute_torch_dtype(dtype), device)
+    offsets, n = qc1_offsets(window, compute_torch_dtype(dtype), device)
     dy, dx = offsets[:, 0], offsets[:, 1]
     keep = ((dy > 0) | ((dy == 0) & (dx > 0))) if half else ((dy != 0) | (dx != 0))
     return offsets[keep].to(torch.int32).contiguous(), n[keep].contiguous()
@@ -424,7 +420,7 @@ def qc1_grad(u: torch.Tensor, weight: torch.Tensor, weight_is_map: bool, window:
     H, W = u.shape[-2:]
     grid = tile_grid(u, QC1_BLOCK_H, QC1_BLOCK_W)
     offs, dirs = qc1_tables(window, u.dtype, u.device, half=False)
-    cdt = _compute_torch_dtype(u.dtype)
+    cdt = compute_torch_dtype(u.dtype)
     t = torch.empty(u.shape, dtype=cdt, device=u.device)
     ax = torch.empty_like(t)
     ay = torch.empty_like(t)
@@ -441,7 +437,7 @@ def qc1_grad(u: torch.Tensor, weight: torch.Tensor, weight_is_map: bool, window:
 @torch.library.custom_op("geokernels_triton::qc1_loss_backward", mutates_args=())
 def qc1_loss_backward(grad: torch.Tensor, u: torch.Tensor, window: int, reduction: str) -> torch.Tensor:
     u = u.contiguous()
-    cdt = _compute_torch_dtype(u.dtype)
+    cdt = compute_torch_dtype(u.dtype)
     if reduction == "none":
         return qc1_grad(u, grad.to(u.dtype).contiguous(), True, window)
     w = grad.reshape(1).to(cdt)  # stays on the device: no host sync
