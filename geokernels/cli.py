@@ -1,4 +1,4 @@
-"""The ``geokernels`` command: info | bench | (demo, anomaly, segment as they land).
+"""The ``geokernels`` command: info | bench | demo | anomaly | segment.
 
 Each sub-command lives in a module exposing ``add_parser(subparsers)``; the parser's ``func``
 default runs it. Modules are imported lazily so ``geokernels info`` stays fast.

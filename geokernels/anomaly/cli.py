@@ -628,7 +628,8 @@ def _common(p, checkpoint=True):
     p.add_argument("-K", "--K", dest="k", type=int, default=None, help="noise paths (default 8)")
     p.add_argument("-T", "--T", dest="t", type=int, default=None, help="time steps (default 24)")
     p.add_argument("--agg", default=None, help="min | mean | median | quantile:a")
-    p.add_argument("--smooth-sigma", dest="smooth_sigma", type=float, default=None)
+    p.add_argument("--smooth-sigma", dest="smooth_sigma", type=float, default=None,
+                   help="Gaussian smoothing of the heatmaps in pixels (default 0 = off, SPEC 3)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
                    help="images per mismatch call")
     p.add_argument("--paths-per-call", dest="paths_per_call", type=_paths_per_call, default=None,
@@ -689,7 +690,8 @@ def add_parser(subparsers) -> None:
 
     s = sub.add_parser("score", help="score image files; print one score per image")
     s.add_argument("images", nargs="+", help="image files (resized to the model's size)")
-    s.add_argument("--category", default=None)
+    s.add_argument("--category", default=None,
+                   help="the class to condition on (needed when the checkpoint holds several)")
     s.add_argument("--method", default="mismatch", choices=("mismatch", "reconstruction"))
     s.add_argument("--out", default=None, help="folder for heatmap PNG/NPY files and scores.json")
     _common(s)
@@ -697,8 +699,8 @@ def add_parser(subparsers) -> None:
 
     e = sub.add_parser("eval", help="per-category metrics table, JSON and heatmap overlays")
     e.add_argument("--dataset", choices=DATASETS, default="textures")
-    e.add_argument("--root", default=None)
-    e.add_argument("--categories", nargs="*", default=None)
+    e.add_argument("--root", default=None, help="MVTec-AD / VisA folder")
+    e.add_argument("--categories", nargs="*", default=None, help="default: all")
     e.add_argument("--methods", nargs="+", default=["mismatch"],
                    choices=("mismatch", "reconstruction", "calibrated_mismatch"),
                    help="first one fills the top-level metrics")
