@@ -35,48 +35,37 @@ def detector_and_categories(argv):
 def main(argv):
     det, categories = detector_and_categories(argv)
     size = next(iter(det.members.values())).config["image_size"]
-    photo, sources = tx._photo, []
-
-    def recording_photo(category):   # the last photo read by generate() is the patch's source
-        sources.append(category)
-        return photo(category)
-
-    tx._photo = recording_photo
-    try:
-        for cat in categories:
-            ds = tx.TextureAnomalyDataset(cat, split="test", size=size)
-            items, cleans, src = [], [], []
-            for i, d in enumerate(ds.defects):
-                if d == "foreign_texture":
-                    sources.clear()
-                    item, clean = ds.generate(i)
-                    items.append(item)
-                    cleans.append(clean)
-                    src.append(sources[-1])
-            x = torch.stack([s["image"] for s in items])
-            mask = torch.stack([s["mask"][0] for s in items]).bool()
-            heat, _ = det.score(x, category=cat)
-            heat_clean, _ = det.score(torch.stack(cleans), category=cat)
-            for name in sorted(set(src)):
-                sel = [j for j, s in enumerate(src) if s == name]
-                h, m, hc = heat[sel], mask[sel], heat_clean[sel]
-                excess = (h[m] - hc[m]).sort(descending=True).values
-                top = excess[: max(1, excess.numel() // 10)].sum() / excess.sum()
-                print(f"{cat} <- {name}: {len(sel)} crops; mean H in mask {h[m].mean():.4f} "
-                      f"(same pixels, clean crop {hc[m].mean():.4f}), outside {h[~m].mean():.4f}; "
-                      f"pixel AUROC within these crops {auroc(h, m):.3f}; top 10 % of mask pixels "
-                      f"carry {100 * top:.0f} % of the excess", flush=True)
-            interior = torch.from_numpy(np.stack(
-                [scipy.ndimage.binary_erosion(m.numpy(), iterations=3) for m in mask]))
-            outside = ~mask
-            for part, sel in (("seam (outer 3 px of the mask)", mask & ~interior),
-                              ("interior", interior)):
-                keep = sel | outside
-                print(f"{cat}, all sources, {part}: {int(sel.sum())} pixels, mean H "
-                      f"{heat[sel].mean():.4f} vs outside {heat[outside].mean():.4f}; pixel AUROC "
-                      f"against outside {auroc(heat[keep], sel[keep]):.3f}", flush=True)
-    finally:
-        tx._photo = photo
+    for cat in categories:
+        ds = tx.TextureAnomalyDataset(cat, split="test", size=size)
+        items, cleans, src = [], [], []
+        for i, d in enumerate(ds.defects):
+            if d == "foreign_texture":
+                item, clean = ds.generate(i)
+                items.append(item)
+                cleans.append(clean)
+                src.append(ds.foreign_source(i))
+        x = torch.stack([s["image"] for s in items])
+        mask = torch.stack([s["mask"][0] for s in items]).bool()
+        heat, _ = det.score(x, category=cat)
+        heat_clean, _ = det.score(torch.stack(cleans), category=cat)
+        for name in sorted(set(src)):
+            sel = [j for j, s in enumerate(src) if s == name]
+            h, m, hc = heat[sel], mask[sel], heat_clean[sel]
+            excess = (h[m] - hc[m]).sort(descending=True).values
+            top = excess[: max(1, excess.numel() // 10)].sum() / excess.sum()
+            print(f"{cat} <- {name}: {len(sel)} crops; mean H in mask {h[m].mean():.4f} "
+                  f"(same pixels, clean crop {hc[m].mean():.4f}), outside {h[~m].mean():.4f}; "
+                  f"pixel AUROC within these crops {auroc(h, m):.3f}; top 10 % of mask pixels "
+                  f"carry {100 * top:.0f} % of the excess", flush=True)
+        interior = torch.from_numpy(np.stack(
+            [scipy.ndimage.binary_erosion(m.numpy(), iterations=3) for m in mask]))
+        outside = ~mask
+        for part, sel in (("seam (outer 3 px of the mask)", mask & ~interior),
+                          ("interior", interior)):
+            keep = sel | outside
+            print(f"{cat}, all sources, {part}: {int(sel.sum())} pixels, mean H "
+                  f"{heat[sel].mean():.4f} vs outside {heat[outside].mean():.4f}; pixel AUROC "
+                  f"against outside {auroc(heat[keep], sel[keep]):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -387,6 +387,27 @@ def test_texture_masks_are_exact(category):
         assert changed[mask].float().mean() >= 0.99, item["path"]
 
 
+def test_texture_foreign_source_names_the_pasted_photo(monkeypatch):
+    import geokernels.data.textures as tx
+
+    read = []                       # every photo generate() reads; the last is the pasted one
+    monkeypatch.setattr(tx, "_photo", lambda c, _photo=tx._photo: read.append(c) or _photo(c))
+    test = TextureAnomalyDataset("gravel", "test", size=32, crop_size=64, num_test_good=2,
+                                 num_test_defective=30)
+    seen = set()
+    for i, defect in enumerate(test.defects):
+        read.clear()
+        test.generate(i)
+        photos = list(read)
+        source = test.foreign_source(i)
+        if defect != "foreign_texture":
+            assert source is None and photos == ["gravel"]
+            continue
+        assert source == photos[-1] and source in texture_categories() and source != "gravel"
+        seen.add(source)
+    assert seen == {"brick", "grass"}     # both other photos among the ten patches
+
+
 def test_texture_train_and_test_regions_are_disjoint():
     for category in texture_categories():
         photo = _photo(category)

@@ -182,7 +182,8 @@ class TextureAnomalyDataset(torch.utils.data.Dataset):
     Items are dicts like the MVTec / VisA loaders: ``image`` float32 (3, size, size) in [0, 1],
     ``mask`` float32 (1, size, size) 0/1, ``label`` 0/1, ``path`` (``skimage:<category>/<split>/
     <defect>/<index>``), ``defect`` ("good" or the defect type). ``defects`` / ``labels`` give all
-    items' values without generating images (for per-defect metrics).
+    items' values without generating images (for per-defect metrics); ``foreign_source(i)`` names
+    the photo pasted into a foreign-texture item (for per-source metrics).
     """
 
     def __init__(self, category: str = "brick", split: str = "train", size: int = 128,
@@ -261,6 +262,14 @@ class TextureAnomalyDataset(torch.utils.data.Dataset):
     def generate(self, index: int) -> tuple[dict, torch.Tensor]:
         """Item ``index`` and its defect-free version (3, size, size) (identical for normal
         items): ``image == clean`` exactly outside ``mask``."""
+        return self._generate(index)[:2]
+
+    def foreign_source(self, index: int) -> str | None:
+        """The category of the photograph pasted into item ``index`` when its defect is
+        ``foreign_texture``, else None (for per-source diagnostics)."""
+        return self._generate(index)[2]
+
+    def _generate(self, index: int) -> tuple[dict, torch.Tensor, str | None]:
         i = self._index(index)
         rng = self._rng(i)
         photo = _photo(self.category)
@@ -268,8 +277,9 @@ class TextureAnomalyDataset(torch.utils.data.Dataset):
         clean = self._crop(photo, top, left)
         defect = self.defects[i]
         image, mask = clean, np.zeros((self.size, self.size), dtype=bool)
+        source = None
         if defect == "foreign_texture":
-            image, mask = self._foreign_texture(clean, rng)
+            image, mask, source = self._foreign_texture(clean, rng)
         elif defect == "scratch":
             mask = _scratch_mask(self.size, rng)
             value = rng.uniform(0.0, 0.15) if rng.random() < 0.5 else rng.uniform(0.85, 1.0)
@@ -291,12 +301,13 @@ class TextureAnomalyDataset(torch.utils.data.Dataset):
             "path": f"skimage:{self.category}/{self.split}/{defect}/{i:04d}",
             "defect": defect,
         }
-        return sample, torch.from_numpy(np.ascontiguousarray(clean, dtype=np.float32))
+        return sample, torch.from_numpy(np.ascontiguousarray(clean, dtype=np.float32)), source
 
     def _foreign_texture(self, clean: np.ndarray, rng: np.random.Generator):
         mask = _blob_mask(self.size, rng)
         others = [c for c in TEXTURE_CATEGORIES if c != self.category]
-        source = _photo(others[int(rng.integers(len(others)))])
+        name = others[int(rng.integers(len(others)))]
+        source = _photo(name)
         top = int(rng.integers(0, source.shape[0] - self.crop_size + 1))
         left = int(rng.integers(0, source.shape[1] - self.crop_size + 1))
         patch = np.rot90(source[top:top + self.crop_size, left:left + self.crop_size],
@@ -305,7 +316,7 @@ class TextureAnomalyDataset(torch.utils.data.Dataset):
         mean = patch.mean()
         patch = np.clip((patch - mean) * rng.uniform(0.6, 1.6) + mean + rng.uniform(-0.2, 0.2),
                         0.0, 1.0).astype(np.float32)
-        return _paint(clean, mask, patch, rng.uniform(0.6, 1.0)), mask
+        return _paint(clean, mask, patch, rng.uniform(0.6, 1.0)), mask, name
 
     def __getitem__(self, index: int) -> dict:
         return self.generate(index)[0]
