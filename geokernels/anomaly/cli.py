@@ -629,7 +629,8 @@ def _common(p, checkpoint=True):
     p.add_argument("-T", "--T", dest="t", type=int, default=None, help="time steps (default 24)")
     p.add_argument("--agg", default=None, help="min | mean | median | quantile:a")
     p.add_argument("--smooth-sigma", dest="smooth_sigma", type=float, default=None,
-                   help="Gaussian smoothing of the heatmaps in pixels (default 0 = off, SPEC 3)")
+                   help="Gaussian smoothing of the heatmaps in pixels (default: the detector's "
+                        "setting; 0 = off, the SPEC default)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
                    help="images per mismatch call")
     p.add_argument("--paths-per-call", dest="paths_per_call", type=_paths_per_call, default=None,
