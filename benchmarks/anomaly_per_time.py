@@ -58,20 +58,19 @@ def main(argv):
             cond = torch.full((x.shape[0],), det.class_names.index(cat), dtype=torch.long,
                               device=device)
         mask = torch.stack([s["mask"][0] for s in items]).bool()
-        kinds = list(ds.defects)
+        crops = {kind: [i for i, k in enumerate(ds.defects) if k == kind]
+                 for kind in TEXTURE_DEFECT_TYPES}
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         delta = per_time_mismatch(model, x, cond)
-        for kind in TEXTURE_DEFECT_TYPES:
-            sel = [i for i, k in enumerate(kinds) if k == kind]
+        for kind, sel in crops.items():
             row = [auroc(delta[sel, j], mask[sel]) for j in range(T)]
             print(f"{cat} {kind:16s} pixel AUROC of Delta_j:", " ".join(f"{a:.2f}" for a in row),
                   flush=True)
         for r in (0, 1, 2):
             heat = (delta * (tj ** r)[None, :, None, None]).mean(1)
-            by_kind = ", ".join(
-                f"{kind} {auroc(heat[sel], mask[sel]):.3f}" for kind in TEXTURE_DEFECT_TYPES
-                for sel in [[i for i, k in enumerate(kinds) if k == kind]])
-            print(f"{cat} H with t^{r}: pixel AUROC over all {len(kinds)} test crops "
+            by_kind = ", ".join(f"{kind} {auroc(heat[sel], mask[sel]):.3f}"
+                                for kind, sel in crops.items())
+            print(f"{cat} H with t^{r}: pixel AUROC over all {len(ds)} test crops "
                   f"{auroc(heat, mask):.3f} (within each defect type's crops: {by_kind})",
                   flush=True)
 
