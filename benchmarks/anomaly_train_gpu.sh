@@ -2,6 +2,8 @@
 # Train the shipped flow-mismatch textures checkpoint on one GPU, evaluate it, keep the evidence.
 # Fits one device call: bash benchmarks/anomaly_train_gpu.sh [TRAIN_MINUTES] [extra train flags]
 #   e.g. bash benchmarks/anomaly_train_gpu.sh 5 --preset small
+#        bash benchmarks/anomaly_train_gpu.sh 5 --preset paper --image-size 128   (the open
+#        question of issue 9; the tiny model is worse at 128 px: benchmarks/RESULTS.md)
 # Writes to $OUT (default gpu_out/): detector.pt, train_log.json, train.log, metrics.json,
 # metrics.md, eval.log, overlays.tar, build.log  (8 files: the device tool's limit).
 set -euo pipefail
