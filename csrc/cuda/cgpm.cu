@@ -150,10 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgpm_steps_cuda(
   static_assert(kQc2TileW == kQc1TileW && kQc2TileH == kQc1TileH, "one block shape for both");
   const dim3 grid = order == 2 ? step_grid(planes, H, W, kQc2TileH, kQc2TileW)
                                : step_grid(planes, H, W, kQc1TileH - 1, kQc1TileW - 1);
+  const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   at::Tensor partials;
-  if (return_history) {
-    partials = at::empty({static_cast<int64_t>(grid.x) * grid.y * grid.z}, o.options().dtype(at::kDouble));
-  }
+  if (return_history) partials = reduction_partials(nblocks, o.options());
   const Qc1Smem L = qc1_smem_layout(static_cast<int>(order == 1 ? window : 1), false);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "cgpm_steps_cuda", [&] {
@@ -193,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgpm_steps_cuda(
       a.u_cur = cur;
       a.u_next = next;
       if (return_history) {
-        a.ticket = reduction_ticket();
+        a.ticket = reduction_ticket(partials, nblocks, stream);
         a.history = history.data_ptr<double>() + s;
       }
       if (order == 2) {

@@ -137,8 +137,9 @@ at::Tensor contour_flow_loss_forward_cuda(const at::Tensor& logits, const at::Te
   at::Tensor partials;
   unsigned int* ticket = nullptr;
   if (red != Reduction::None) {
-    partials = at::empty({static_cast<int64_t>(grid.x) * grid.y * grid.z}, x.options().dtype(at::kDouble));
-    ticket = reduction_ticket();
+    const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+    partials = reduction_partials(nblocks, x.options());
+    ticket = reduction_ticket(partials, nblocks, c10::cuda::getCurrentCUDAStream());
   }
   const double scale = red == Reduction::Mean ? 1.0 / static_cast<double>(x.numel()) : 1.0;
   auto stream = c10::cuda::getCurrentCUDAStream();

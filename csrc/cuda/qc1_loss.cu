@@ -103,8 +103,9 @@ at::Tensor qc1_loss_forward_cuda(const at::Tensor& u_in, int64_t window, c10::st
   at::Tensor partials;
   unsigned int* ticket = nullptr;
   if (red != Reduction::None) {
-    partials = at::empty({static_cast<int64_t>(grid.x) * grid.y * grid.z}, u.options().dtype(at::kDouble));
-    ticket = reduction_ticket();
+    const int64_t nblocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+    partials = reduction_partials(nblocks, u.options());
+    ticket = reduction_ticket(partials, nblocks, c10::cuda::getCurrentCUDAStream());
   }
   const double scale = red == Reduction::Mean
       ? 1.0 / (static_cast<double>(u.numel()) * static_cast<double>(window * window)) : 1.0;

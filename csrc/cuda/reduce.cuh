@@ -8,6 +8,7 @@
 // not share a counter (the pool is far larger than the number of kernels a GPU can run at once).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,8 +22,28 @@ namespace cuda {
 
 constexpr int kTicketSlots = 4096;
 
-// A zeroed counter slot on the current device, valid for one kernel launch.
-inline unsigned int* reduction_ticket() {
+// Partials of a grid reduction over `nblocks` blocks, plus one spare element that holds the
+// block counter while a CUDA graph is being captured (see reduction_ticket).
+inline at::Tensor reduction_partials(int64_t nblocks, const at::TensorOptions& options) {
+  return at::empty({nblocks + 1}, options.dtype(at::kDouble));
+}
+
+// A zeroed counter for one reduction launch on `stream`, made by reduction_partials(nblocks).
+// Normally a slot of a per-device pool (no memset launch: the last block re-zeroes it). While
+// `stream` is being captured into a CUDA graph, the pool is not touched (its first use allocates
+// and synchronises, which capture forbids, and a slot baked into a graph would be shared with
+// later eager calls): the counter is the spare element of `partials`, zeroed by a captured
+// memset on every replay and owned by the graph like every other buffer it allocated.
+inline unsigned int* reduction_ticket(const at::Tensor& partials, int64_t nblocks, cudaStream_t stream) {
+  TORCH_CHECK(partials.numel() == nblocks + 1 && partials.scalar_type() == at::kDouble,
+              "geokernels: internal error, partials must come from reduction_partials");
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    unsigned int* spare = reinterpret_cast<unsigned int*>(partials.data_ptr<double>() + nblocks);
+    C10_CUDA_CHECK(cudaMemsetAsync(spare, 0, sizeof(unsigned int), stream));
+    return spare;
+  }
   static std::mutex mu;
   static unsigned int* pools[64] = {nullptr};
   static std::atomic<unsigned int> next{0};
