@@ -27,6 +27,7 @@
 #include "geokernels/contour_flow_math.h"
 #include "geokernels/op_args.h"
 #include "reduce.cuh"
+#include "smem.cuh"
 
 namespace geokernels {
 namespace cuda {
@@ -334,6 +335,8 @@ size_t reverse_smem(int h, int hp) {
 
 // Iterations per forward launch: GEOKERNELS_CFSS_STEPS_PER_LAUNCH if set (testing aid), else as
 // many as keep the halo modest (R = m * max(h, 1) <= 8) and the window within kSmemBudget.
+// The window also stays within what the device allows (99 KiB per block on sm_86/89 cards): at
+// one iteration per launch a halfsize too large for the device is a ValueError, not a failed launch.
 template <class S>
 int steps_per_launch(int h, int hp) {
   int m = std::max(1, std::min(kMaxSteps, 8 / hp));
@@ -341,16 +344,15 @@ int steps_per_launch(int h, int hp) {
     const int v = std::atoi(env);
     if (v >= 1) m = std::min(kMaxSteps, v);
   }
-  while (m > 1 && steps_smem<S>(m, h, hp) > kSmemBudget) --m;
+  const size_t budget = std::min(kSmemBudget, max_dynamic_smem(cfss_steps_kernel<S>));
+  while (m > 1 && steps_smem<S>(m, h, hp) > budget) --m;
   return m;
 }
 
 template <class F>
 void set_smem(F* kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+  allow_dynamic_smem(kernel, bytes, "cfss_iterate on CUDA at this halfsize and dtype",
+                     "use a smaller halfsize (sigma), float32, or the CPU backend");
 }
 
 template <class S>

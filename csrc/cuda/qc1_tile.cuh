@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include "geokernels/qc1_math.h"
+#include "smem.cuh"
 
 namespace geokernels {
 namespace cuda {
@@ -36,19 +37,11 @@ inline Qc1Smem qc1_smem_layout(int window, bool weight_map) {
   return {R, window, window * window, kQc1TileH + 2 * R + 1, kQc1TileW + 2 * R + 1, weight_map};
 }
 
-// Raises the kernel's dynamic shared-memory limit when needed; error if the device cannot.
-// Without the opt-in a block gets 48 KB of shared memory, static arrays (<= 8 KB here) included.
+// Lets the kernel use `bytes` of dynamic shared memory; clear error if the device cannot.
 template <class Kernel>
-void qc1_prepare_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 40 * 1024) return;
-  int dev = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK_VALUE(bytes + 8 * 1024 <= static_cast<size_t>(optin), "window is too large for the CUDA qc1 "
-                    "kernel on this device (needs ", bytes, " bytes of shared memory, the device allows ",
-                    optin, "); use a smaller window or backend='triton'");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+void qc1_prepare_smem(Kernel* kernel, size_t bytes) {
+  allow_dynamic_smem(kernel, bytes, "the window of the CUDA qc1 kernel",
+                     "use a smaller window or backend='triton'");
 }
 
 // Stages u (and the weight map) rows i0-R-1 .. i0+TH-1+R, columns j0-R-1 .. j0+TW-1+R, and the
