@@ -4,7 +4,8 @@ CUDA toolkit is found (no GPU needed to compile).
 Environment:
   GEOKERNELS_NO_CUDA=1     build the CPU kernels only
   GEOKERNELS_FORCE_CUDA=1  a missing CUDA toolkit is an error instead of a CPU-only build
-  TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0+PTX": sm_80 and sm_90 code, and
+                           PTX that newer GPUs compile when the extension loads)
   CUDA_HOME / CUDA_PATH    toolkit root (found from nvcc on PATH otherwise, through wrappers)
   MAX_JOBS                 parallel compile jobs (ninja)
 Install with `pip install --no-build-isolation -e .` so the build uses the torch you run.
@@ -63,7 +64,7 @@ def main() -> None:
     cuda_home = find_cuda_home() if want_cuda else None
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
