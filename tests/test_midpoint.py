@@ -82,6 +82,21 @@ def test_triton_matches_reference(device, backend, radius, shape):
     _check_exact(device, backend, kind, shape, torch.float32, radius, max_iters=max(1, converged // 2))
 
 
+@pytest.mark.parametrize("device,backend", [p for p in PARAMS if "triton" not in p.id])
+@pytest.mark.parametrize("radius,kind", [(1.0, "uniform"), (3.0, "ties"), (5.0, "ties")])
+def test_many_tiles_both_ways(device, backend, radius, kind):
+    # the CUDA kernels work on 32x32 tiles and check convergence every 8 sweeps: an image
+    # spanning 3x4 tiles, more than 8 sweeps (9, 19, 12 here), and a max_iters stop in between
+    shape = (2, 3, 70, 100)
+    converged = _check_exact(device, backend, kind, shape, torch.float32, radius, 300, seed=3)
+    assert converged > 8
+    _check_exact(device, backend, kind, shape, torch.float32, radius, converged - 3, seed=3)
+    u = _kind_input(kind, shape, torch.float32, 3).to(device)
+    fast, src, _ = _fused(u, radius, 1000, 0.0, "fast", backend, track=True)
+    jac, _, _ = _fused(u, radius, 1000, 0.0, "jacobi", backend, track=False)
+    assert torch.equal(fast, jac) and torch.equal(ref.gather_sources(u, src), fast)
+
+
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_tol_stops_early_like_reference(device, backend):
     # a large tol stops as soon as the largest change is small: same sweep, same state
