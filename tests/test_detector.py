@@ -202,6 +202,26 @@ def test_reconstruction_baseline(fitted):
         reconstruction_heatmap(model, x, solver="rk4")
 
 
+def test_reconstruction_survives_reused_output_buffers(fitted):
+    # a CUDA-graph compiled model (compile="reduce-overhead") returns the same output buffer on
+    # every call, overwritten by the next replay: emulated here, Heun must give the same map
+    model = fitted[0].members[None]
+
+    class OneBuffer(torch.nn.Module):
+        def forward(self, z, t):
+            out = model(z, t)
+            if not hasattr(self, "buf"):
+                self.buf = torch.empty_like(out)
+            return self.buf.copy_(out)
+
+    x = normal_images(2, seed=11) * 2 - 1
+    with torch.no_grad():
+        for solver in ("heun", "euler"):
+            want = reconstruction_heatmap(model, x, steps=3, solver=solver, seed=4)
+            got = reconstruction_heatmap(OneBuffer(), x, steps=3, solver=solver, seed=4)
+            assert torch.equal(got, want), solver
+
+
 def test_calibrated_variant(fitted, tmp_path):
     det = FlowMismatchDetector.load(fitted[0].save(tmp_path / "d.pt"), device="cpu")
     x = normal_images(4, seed=11)

@@ -71,6 +71,9 @@ def reconstruction_heatmap(velocity, x: torch.Tensor, t0: float = 0.5, steps: in
             if solver == "euler":
                 z = z + dt * v
             else:
+                # a CUDA-graph compiled velocity (compile="reduce-overhead") overwrites its output
+                # buffer on the next call: keep v's values across the corrector's call
+                v = v.clone()
                 z_pred = z + dt * v
                 v2 = velocity(z_pred, torch.full_like(tt, t + dt)).to(x.dtype)
                 z = z + 0.5 * dt * (v + v2)
