@@ -232,6 +232,26 @@ _DDP_SCRIPT = textwrap.dedent(f"""
 
 
 @pytest.mark.slow
+def test_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    # `torchrun ... --device cuda`: each rank must use cuda:LOCAL_RANK (set_device rejects a
+    # device without an index, and DDP would put every rank on GPU 0); emulated without a GPU
+    import torch.distributed as dist
+
+    from geokernels.anomaly.train import _Dist
+
+    picked = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    for asked in ("cuda", None if torch.cuda.is_available() else "cuda", "cuda:1"):
+        picked.clear()
+        ctx = _Dist(asked)
+        assert ctx.device == torch.device("cuda", 1) and picked == [torch.device("cuda", 1)]
+        assert ctx.rank == 1 and ctx.local_rank == 1
+
+
 def test_torchrun_two_processes_match_single_process(tmp_path):
     """The same training under torchrun (2 CPU processes, Gloo) equals the 1-process run."""
     script = tmp_path / "ddp_train.py"

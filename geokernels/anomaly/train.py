@@ -251,6 +251,9 @@ class _Dist:
             if device is None and torch.cuda.is_available():
                 device = f"cuda:{self.local_rank}"
             dev = torch.device(device or "cpu")
+            if dev.type == "cuda" and dev.index is None:  # "cuda": this rank's GPU, not GPU 0
+                dev = torch.device("cuda", self.local_rank)
+            device = dev
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             if not dist.is_initialized():
