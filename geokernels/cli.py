@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 # module path of each sub-command family, in help order
@@ -85,9 +86,20 @@ def _bench(args) -> int:
     from geokernels import benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    done: list = []
+
+    def on_case(rows):  # a run killed by a time limit keeps what it measured
+        done.extend(rows)
+        for line in benchmark.format_table(rows).splitlines()[2:]:
+            print("measured", line, flush=True)
+        if args.json:
+            _write_json(args.json, [r.as_dict() for r in done])
+
+    print("rows as measured ('measured | ...'; the aligned table follows at the end):", flush=True)
     try:
         results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
-                                compile_reference=not args.no_compile, memory=not args.no_memory)
+                                compile_reference=not args.no_compile, memory=not args.no_memory,
+                                on_case=on_case)
     except benchmark.UnknownOpError as exc:
         raise SystemExit(f"error: --{exc}") from None
     print(f"\ngeokernels bench on {device} (median step time; x ref / x compiled = speed-up of "
@@ -95,9 +107,16 @@ def _bench(args) -> int:
           f"the measured device copy bandwidth, CUDA only)")
     print(benchmark.format_table(results))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([r.as_dict() for r in results], fh, indent=2)
+        _write_json(args.json, [r.as_dict() for r in results])
     return 0
+
+
+def _write_json(path, obj) -> None:
+    """Write atomically: a reader (or a kill) never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
 
 
 def _bench_parser(sub):

@@ -83,3 +83,52 @@ def test_a_failing_factory_is_not_an_unknown_op(monkeypatch):
     with pytest.raises(ValueError, match="corrupt checkpoint") as info:
         gkbench.run("cpu", ops=["cgpm"], progress=False)
     assert not isinstance(info.value, gkbench.UnknownOpError)
+
+
+def test_first_call_is_warmup_not_judged(monkeypatch):
+    # a step whose first call compiles (slow) and is fast afterwards is timed by repetitions,
+    # not from one sample
+    import time
+
+    monkeypatch.setattr(gkbench, "SLOW_STEP_S", 0.05)
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.1)
+
+    ms = gkbench.time_step(step, torch.device("cpu"), min_time=0.0)
+    assert len(calls) >= 5 and ms < 50
+    calls.clear()
+    slow = gkbench.time_step(lambda: (calls.append(1), time.sleep(0.06)), torch.device("cpu"))
+    assert len(calls) == 2 and slow >= 60       # really slow: warm-up + one timed call
+
+
+def test_rows_are_reported_case_by_case(monkeypatch, tmp_path, capsys):
+    from geokernels.cli import main
+
+    monkeypatch.setattr(gkbench, "_load_cases", lambda: None)
+    seen_json = []
+
+    def cases(device, quick):
+        def make_step(impl):
+            if impl == "reference" and (tmp_path / "b.json").exists():
+                import json
+
+                seen_json.append(len(json.loads((tmp_path / "b.json").read_text())))
+            return lambda: torch.ones(8).sum()
+        return [gkbench.Case("qc2_loss", f"case{i}", make_step, 32, compile_reference=False)
+                for i in range(3)]
+
+    cases.bench_op = "qc2_loss"
+    monkeypatch.setattr(gkbench, "_CASES", [cases])
+    got = []
+    results = gkbench.run("cpu", min_time=0.0, memory=False, progress=False, on_case=got.append)
+    assert [len(rows) for rows in got] == [len(results) // 3] * 3
+    assert [r.label for rows in got for r in rows] == [r.label for r in results]
+    # the CLI prints each case's rows and rewrites --json as they come (a killed run keeps them)
+    assert main(["bench", "--device", "cpu", "--no-memory", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("measured | qc2_loss | case") == len(results)
+    assert seen_json == [len(results) // 3, 2 * len(results) // 3]
