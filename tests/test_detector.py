@@ -271,6 +271,41 @@ def test_class_conditional_and_per_category():
     assert per.score(x, category="b")[0].shape == (2, SIZE, SIZE)
 
 
+def test_compiled_scoring_compiles_once_per_model(monkeypatch):
+    # compile=...: one graph per model for all categories, and a short last batch is padded to
+    # the batch size instead of compiling (and capturing CUDA graphs) again; emulated with a
+    # torch.compile that records what it is given and the row counts the model then sees
+    data = {"a": normal_images(16, seed=13), "b": 1 - normal_images(16, seed=14)}
+    plain = FlowMismatchDetector(device="cpu", **SCORE).fit(data, **dict(FIT, steps=3))
+    compiled, rows = [], set()
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x_t, t, cond=None):
+            rows.add(x_t.shape[0])
+            return self.model(x_t, t, cond)
+
+    def fake_compile(model, **kwargs):
+        compiled.append(kwargs)
+        return Recorder(model)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    fast = FlowMismatchDetector(plain.members[None], class_names=["a", "b"], device="cpu",
+                                compile="reduce-overhead", paths_per_call=None,
+                                **dict(SCORE, batch_size=4))
+    x = normal_images(6, seed=16)                     # batches of 4 and 2 (padded to 4)
+    for cat in ("a", "b", "a"):
+        h, s = fast.score(x, category=cat)
+        want_h, want_s = plain.score(x, category=cat)
+        assert torch.allclose(h, want_h, rtol=1e-5, atol=1e-6) and h.shape == (6, SIZE, SIZE)
+        assert torch.allclose(s, want_s, rtol=1e-5, atol=1e-6)
+    assert compiled == [dict(mode="reduce-overhead", dynamic=False)]
+    assert rows == {4 * SCORE["K"]}
+
+
 def test_bad_input(fitted, tmp_path):
     det, _ = fitted
     with pytest.raises(ValueError, match="images must have shape"):

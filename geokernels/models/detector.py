@@ -234,13 +234,13 @@ class FlowMismatchDetector:
         return self.members[category], None, category
 
     def _velocity(self, model, class_index):
-        key = (id(model), class_index)
-        if key not in self._compiled:
-            vel = _BoundVelocity(model, class_index, self.precision == "bf16")
-            if self.compile is not None:
-                vel = torch.compile(vel, mode=self.compile, dynamic=False)
-            self._compiled[key] = vel
-        return self._compiled[key]
+        # compile=...: one compiled graph per model, shared by all its categories (the class
+        # enters as a tensor, not as a constant Dynamo would specialise and recompile on)
+        if self.compile is not None:
+            if id(model) not in self._compiled:
+                self._compiled[id(model)] = torch.compile(model, mode=self.compile, dynamic=False)
+            model = self._compiled[id(model)]
+        return _BoundVelocity(model, class_index, self.precision == "bf16")
 
     def to(self, device) -> "FlowMismatchDetector":
         self.device = torch.device(device)
@@ -380,6 +380,12 @@ class FlowMismatchDetector:
         heats = []
         for i in starts:
             x = self._model_space(x_all[i:i + bs].to(self.device))
+            n = x.shape[0]
+            if self.compile is not None and n < bs:
+                # compiled graphs are shape-specialised: pad a short last batch (repeating its
+                # last image; padded rows draw their own noise and are dropped) instead of
+                # compiling (and capturing CUDA graphs) again for every odd batch size
+                x = torch.cat([x, x[-1:].expand(bs - n, *x.shape[1:])])
             if method == "reconstruction":
                 h = reconstruction_heatmap(vel, x, t0=s["reconstruction_t0"],
                                            steps=s["reconstruction_steps"],
@@ -391,7 +397,7 @@ class FlowMismatchDetector:
                                   seed=s["seed"], smooth_sigma=s["smooth_sigma"],
                                   image_index_offset=i, backend=self.backend,
                                   chunk=self._paths_per_call())
-            heats.append(h.float().cpu())
+            heats.append(h[:n].float().cpu())
         heat = torch.cat(heats)
         if method == "calibrated_mismatch":  # the transform of the mismatch heatmaps just made
             return self.calibrated_from_mismatch(heat, category=category)
