@@ -95,7 +95,7 @@ def _bench(args) -> int:
         if args.json:
             _write_json(args.json, [r.as_dict() for r in done])
 
-    print("rows as measured ('measured | ...'; the aligned table follows at the end):", flush=True)
+    print("each case's rows as soon as measured (prefix: measured), the aligned table at the end", flush=True)
     try:
         results = benchmark.run(device, ops=args.ops or None, quick=args.quick,
                                 compile_reference=not args.no_compile, memory=not args.no_memory,
