@@ -362,6 +362,12 @@ def cmd_eval(args) -> int:
                                                args.calibration_images)
                 det.calibrate(calib, category=dcat, progress=not args.quiet)
                 entry["calibration"] = note
+            if det.device.type == "cuda" and not (method == "calibrated_mismatch"
+                                                  and mismatch_pass is not None):
+                # untimed warm-up batch: CUDA context, cuDNN/Triton/compile set-up are not
+                # images/s (on CPU there is no such one-off cost worth a batch)
+                det.score(images[:det.settings["batch_size"]], category=dcat, method=method)
+                entry["timing"] = "after one untimed warm-up batch"
             t0 = time.perf_counter()
             if method == "calibrated_mismatch" and mismatch_pass is not None:
                 # a per-pixel transform of the mismatch heatmaps: no second scoring pass
