@@ -273,3 +273,21 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     for name, value in b["model"].items():
         # gradients are averaged over the two half-batches: equal up to summation order
         assert torch.allclose(a["model"][name], value, atol=2e-5, rtol=1e-4), name
+
+
+def test_non_finite_loss_stops_training(monkeypatch):
+    # a loss that turns NaN stops the run with a clear error (decided on the all-reduced mean,
+    # so every torchrun rank stops alike)
+    from geokernels.models import VelocityUNet
+
+    real = VelocityUNet.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        return out * float("nan") if len(calls) == 6 else out
+
+    monkeypatch.setattr(VelocityUNet, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite by step 8"):
+        train(_images(), **dict(FAST, steps=12))

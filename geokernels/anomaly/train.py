@@ -568,7 +568,8 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
                 mean_loss = float(dist_ctx.mean(vals.mean()))
                 vals = vals.tolist()
                 pending.clear()
-                if not all(math.isfinite(v_) for v_ in vals):
+                # the all-reduced mean: non-finite on any rank -> every rank stops, with this error
+                if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"training loss became non-finite by step {step + 1} "
                                              f"(try a lower lr or precision='fp32')")
                 losses.extend(vals)
