@@ -153,6 +153,9 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device) -> float | 
     return peak / 2**20
 
 
+_COPY_BW: dict[str, float] = {}
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), the ceiling
     a memory-bound kernel can approach."""
@@ -200,7 +203,11 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
     except ImportError:  # pragma: no cover
         tqdm = None
     results: list[Result] = []
-    copy_bw = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    copy_bw = None
+    if device.type == "cuda":  # measured once per device and process (the demo runs op by op)
+        if str(device) not in _COPY_BW:
+            _COPY_BW[str(device)] = copy_bandwidth_gbps(device)
+        copy_bw = _COPY_BW[str(device)]
     it = tqdm(cases, desc="bench", disable=not progress) if tqdm else cases
     for case in it:
         impls = ["reference"]
