@@ -2,6 +2,8 @@
 plane of a contiguous (B, C, H, W) tensor, programs numbered plane-major then row-major."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -35,3 +37,10 @@ def compute_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype):
     """:func:`compute_torch_dtype` as a Triton dtype (the kernels' ``CDT`` argument)."""
     return tl.float64 if compute_torch_dtype(dtype) == torch.float64 else tl.float32
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU current for the launches in the block: Triton launches on the current
+    device and stream, not the tensors' (a tensor on cuda:1 while cuda:0 is current would be
+    read by a kernel on the wrong GPU). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from geokernels.ops.cfss import num_saved_states
-from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, device_guard, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -244,25 +244,26 @@ class _Runner:
 def cfss_forward(o: torch.Tensor, T: torch.Tensor, params: torch.Tensor, iters: int, halfsize: int,
                  q_nonneg: bool, checkpoint_every: int,
                  save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    o = o.contiguous()
-    T = T.to(o.dtype).contiguous()
-    params = params.to(o.dtype).contiguous()
-    k = checkpoint_every
-    n_saved = num_saved_states(iters, k) if save_states else 0
-    states = o.new_empty((n_saved, 2) + tuple(o.shape))
-    if iters == 0:
-        return o / params[0], states
-    run = _Runner(o, T, params, halfsize, q_nonneg)
-    z = torch.empty_like(o)
-    s = run.init()
-    for t in range(1, iters + 1):
-        if t == iters:
-            run.step(s, z=z)
-        elif n_saved and t % k == 0:
-            s = run.step(s, dst=states[t // k - 1])
-        else:
-            s = run.step(s)
-    return z, states
+    with device_guard(o):
+        o = o.contiguous()
+        T = T.to(o.dtype).contiguous()
+        params = params.to(o.dtype).contiguous()
+        k = checkpoint_every
+        n_saved = num_saved_states(iters, k) if save_states else 0
+        states = o.new_empty((n_saved, 2) + tuple(o.shape))
+        if iters == 0:
+            return o / params[0], states
+        run = _Runner(o, T, params, halfsize, q_nonneg)
+        z = torch.empty_like(o)
+        s = run.init()
+        for t in range(1, iters + 1):
+            if t == iters:
+                run.step(s, z=z)
+            elif n_saved and t % k == 0:
+                s = run.step(s, dst=states[t // k - 1])
+            else:
+                s = run.step(s)
+        return z, states
 
 
 @cfss_forward.register_fake
@@ -276,59 +277,60 @@ def _(o, T, params, iters, halfsize, q_nonneg, checkpoint_every, save_states):
 def cfss_backward(grad_z: torch.Tensor, o: torch.Tensor, T: torch.Tensor, params: torch.Tensor,
                   states: torch.Tensor, iters: int, halfsize: int, q_nonneg: bool,
                   checkpoint_every: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o = o.contiguous()
-    T = T.to(o.dtype).contiguous()
-    pc = params.to(o.dtype).contiguous()
-    # nothing saved (a forward with save_states=False): the bisection schedule needs no states
-    k = 0 if states.shape[0] == 0 else checkpoint_every
-    run = _Runner(o, T, pc, halfsize, q_nonneg)
-    g_o = torch.zeros_like(o)
-    g_T = torch.zeros_like(T)
-    sums = torch.zeros((run.grid[0], 4), dtype=torch.float64, device=o.device)
-    adj = {"A": grad_z.to(o.dtype).contiguous(), "gq": None}
+    with device_guard(o):
+        o = o.contiguous()
+        T = T.to(o.dtype).contiguous()
+        pc = params.to(o.dtype).contiguous()
+        # nothing saved (a forward with save_states=False): the bisection schedule needs no states
+        k = 0 if states.shape[0] == 0 else checkpoint_every
+        run = _Runner(o, T, pc, halfsize, q_nonneg)
+        g_o = torch.zeros_like(o)
+        g_T = torch.zeros_like(T)
+        sums = torch.zeros((run.grid[0], 4), dtype=torch.float64, device=o.device)
+        adj = {"A": grad_z.to(o.dtype).contiguous(), "gq": None}
 
-    def reverse(x):  # the reverse of one iteration, given the state before it
-        A, gq = adj["A"], adj["gq"]
-        A_prev = torch.empty_like(o)
-        gq_out = torch.empty_like(o)
-        _reverse_kernel[run.grid](o, T, pc, run.taps, x[0], x[1], A, gq if gq is not None else A, A_prev,
-                                  gq_out, g_o, g_T, sums, run.H, run.W, HALF=halfsize,
-                                  NONNEG=q_nonneg, HAS_GQ=gq is not None, **run.kw)
-        adj["A"], adj["gq"] = A_prev, gq_out
+        def reverse(x):  # the reverse of one iteration, given the state before it
+            A, gq = adj["A"], adj["gq"]
+            A_prev = torch.empty_like(o)
+            gq_out = torch.empty_like(o)
+            _reverse_kernel[run.grid](o, T, pc, run.taps, x[0], x[1], A, gq if gq is not None else A, A_prev,
+                                      gq_out, g_o, g_T, sums, run.H, run.W, HALF=halfsize,
+                                      NONNEG=q_nonneg, HAS_GQ=gq is not None, **run.kw)
+            adj["A"], adj["gq"] = A_prev, gq_out
 
-    def replay(src, n):  # n iterations from src (None = the initial state)
-        cur = run.init() if src is None else src
-        for _ in range(n):
-            cur = run.step(cur)
-        return cur
+        def replay(src, n):  # n iterations from src (None = the initial state)
+            cur = run.init() if src is None else src
+            for _ in range(n):
+                cur = run.step(cur)
+            return cur
 
-    def reverse_range(a, sa, b):  # bisection schedule (csrc/cpu/cfss.cpp)
-        if b - a == 1:
-            reverse(replay(sa, 0))
-            return
-        mid = a + (b - a) // 2
-        reverse_range(mid, replay(sa, mid - a), b)
-        reverse_range(a, sa, mid)
+        def reverse_range(a, sa, b):  # bisection schedule (csrc/cpu/cfss.cpp)
+            if b - a == 1:
+                reverse(replay(sa, 0))
+                return
+            mid = a + (b - a) // 2
+            reverse_range(mid, replay(sa, mid - a), b)
+            reverse_range(a, sa, mid)
 
-    if iters >= 1 and k == 0:
-        reverse_range(0, None, iters)
-    elif iters >= 1:
-        n_seg = num_saved_states(iters, k) + 1
-        for s in range(n_seg - 1, -1, -1):
-            t0, t1 = s * k, min((s + 1) * k, iters)
-            seg = [run.init() if s == 0 else states[s - 1]]
-            for _ in range(t0 + 1, t1):
-                seg.append(run.step(seg[-1]))
-            for t in range(t1, t0, -1):
-                reverse(seg[t - t0 - 1])
-    A = adj["A"]
-    # the initial state u0 = sigmoid(o / eps): A is now dL/dz0
-    eps, lam = pc[0].double(), pc[2].double()
-    g_o = (g_o + A) / pc[0]
-    tot = sums.sum(dim=0)
-    s_za = tot[0] + ((o.double() / eps) * A.double()).sum()
-    g_params = torch.stack([-s_za / eps, -tot[1], -tot[2] / eps, -lam / eps * tot[3]])
-    return g_o, g_T.to(T.dtype), g_params.to(params.dtype)
+        if iters >= 1 and k == 0:
+            reverse_range(0, None, iters)
+        elif iters >= 1:
+            n_seg = num_saved_states(iters, k) + 1
+            for s in range(n_seg - 1, -1, -1):
+                t0, t1 = s * k, min((s + 1) * k, iters)
+                seg = [run.init() if s == 0 else states[s - 1]]
+                for _ in range(t0 + 1, t1):
+                    seg.append(run.step(seg[-1]))
+                for t in range(t1, t0, -1):
+                    reverse(seg[t - t0 - 1])
+        A = adj["A"]
+        # the initial state u0 = sigmoid(o / eps): A is now dL/dz0
+        eps, lam = pc[0].double(), pc[2].double()
+        g_o = (g_o + A) / pc[0]
+        tot = sums.sum(dim=0)
+        s_za = tot[0] + ((o.double() / eps) * A.double()).sum()
+        g_params = torch.stack([-s_za / eps, -tot[1], -tot[2] / eps, -lam / eps * tot[3]])
+        return g_o, g_T.to(T.dtype), g_params.to(params.dtype)
 
 
 @cfss_backward.register_fake

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from geokernels.triton import qc_loss as _qc
-from geokernels.triton._tiles import compute_dtype, compute_torch_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, tile_coords,
+                                      tile_grid)
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -98,40 +99,41 @@ def cgpm_steps(o: torch.Tensor, m: torch.Tensor, v: torch.Tensor, u0: torch.Tens
                adam_eps: float, weight: float, order: int, margin: float, beta: float, eps: float,
                grad_threshold: float, activation: str, window: int,
                return_history: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o = o.contiguous().clone()
-    m = m.contiguous().clone()
-    v = v.contiguous().clone()
-    u0 = u0.contiguous()
-    cdt_torch = compute_torch_dtype(o.dtype)
-    cdt = compute_dtype(o.dtype)
-    history = torch.zeros((steps if return_history else 0,), dtype=torch.float64, device=o.device)
-    if steps == 0:
-        return o, m, v, history.to(o.dtype)
-    H, W = o.shape[-2:]
-    grid = tile_grid(o, BLOCK_H, BLOCK_W)
-    table = _param_table(first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin,
-                         beta, eps, grad_threshold, window, o.numel(), cdt_torch, o.device)
-    u_cur = torch.sigmoid(o)
-    u_next = torch.empty_like(o)
-    qc_weight = table[:, P_QCW].contiguous()
-    for s in range(steps):
-        if return_history:
-            fid = torch.relu(u0 - u_cur).double().pow(2).mean()
+    with device_guard(o):
+        o = o.contiguous().clone()
+        m = m.contiguous().clone()
+        v = v.contiguous().clone()
+        u0 = u0.contiguous()
+        cdt_torch = compute_torch_dtype(o.dtype)
+        cdt = compute_dtype(o.dtype)
+        history = torch.zeros((steps if return_history else 0,), dtype=torch.float64, device=o.device)
+        if steps == 0:
+            return o, m, v, history.to(o.dtype)
+        H, W = o.shape[-2:]
+        grid = tile_grid(o, BLOCK_H, BLOCK_W)
+        table = _param_table(first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin,
+                             beta, eps, grad_threshold, window, o.numel(), cdt_torch, o.device)
+        u_cur = torch.sigmoid(o)
+        u_next = torch.empty_like(o)
+        qc_weight = table[:, P_QCW].contiguous()
+        for s in range(steps):
+            if return_history:
+                fid = torch.relu(u0 - u_cur).double().pow(2).mean()
+                if order == 2:
+                    shape = _qc.qc2_loss_forward(u_cur, margin, beta, eps, grad_threshold, activation, "mean")
+                else:
+                    shape = _qc.qc1_loss_forward(u_cur, window, "mean")
+                history[s] = fid + weight * shape.double()
+            prm = table[s]
             if order == 2:
-                shape = _qc.qc2_loss_forward(u_cur, margin, beta, eps, grad_threshold, activation, "mean")
+                _cgpm_c2_step_kernel[grid](u_cur, u_next, u0, o, m, v, prm, H, W,
+                                           RELU=activation == "relu", CDT=cdt, BH=BLOCK_H, BW=BLOCK_W)
             else:
-                shape = _qc.qc1_loss_forward(u_cur, window, "mean")
-            history[s] = fid + weight * shape.double()
-        prm = table[s]
-        if order == 2:
-            _cgpm_c2_step_kernel[grid](u_cur, u_next, u0, o, m, v, prm, H, W,
-                                       RELU=activation == "relu", CDT=cdt, BH=BLOCK_H, BW=BLOCK_W)
-        else:
-            t, ax, ay = _qc.qc1_grad(u_cur, qc_weight[s:s + 1], False, window, finish=False)
-            _cgpm_c1_finish_kernel[grid](t, ax, ay, u_cur, u_next, u0, o, m, v, prm, H, W,
-                                         CDT=cdt, BH=BLOCK_H, BW=BLOCK_W)
-        u_cur, u_next = u_next, u_cur
-    return o, m, v, history.to(o.dtype)
+                t, ax, ay = _qc.qc1_grad(u_cur, qc_weight[s:s + 1], False, window, finish=False)
+                _cgpm_c1_finish_kernel[grid](t, ax, ay, u_cur, u_next, u0, o, m, v, prm, H, W,
+                                             CDT=cdt, BH=BLOCK_H, BW=BLOCK_W)
+            u_cur, u_next = u_next, u_cur
+        return o, m, v, history.to(o.dtype)
 
 
 @cgpm_steps.register_fake
