@@ -43,4 +43,15 @@ def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU current for the launches in the block: Triton launches on the current
     device and stream, not the tensors' (a tensor on cuda:1 while cuda:0 is current would be
     read by a kernel on the wrong GPU). A no-op for CPU tensors (the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def scalar_args(like: torch.Tensor, values) -> torch.Tensor:
+    """Float kernel parameters as a 1-D tensor in ``like``'s compute dtype, filled on the device
+    (no host-device copy or sync; fine under CUDA graph capture). Compiled Triton passes a Python
+    float argument as float32 (the interpreter keeps the double): float64 runs would use rounded
+    constants."""
+    out = torch.empty(len(values), dtype=compute_torch_dtype(like.dtype), device=like.device)
+    for k, v in enumerate(values):
+        out[k] = v
+    return out

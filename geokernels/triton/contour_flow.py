@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, device_guard, scalar_args, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -68,10 +68,10 @@ def _grads(x_ptr, f0_ptr, f1_ptr, g_ptr, i, j, H, W, eps, w_scalar, GRAD_MAP: tl
 
 
 @triton.jit
-def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, eps_ptr, WRITE_MAP: tl.constexpr,
+def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, prm_ptr, WRITE_MAP: tl.constexpr,
                     CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    eps = tl.load(eps_ptr).to(CDT)  # a tensor: a Python float argument would arrive as float32
+    eps = tl.load(prm_ptr + 0)  # a tensor: a Python float argument would arrive as float32
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     xb = x_ptr + plane * hw
@@ -87,10 +87,10 @@ def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, eps_ptr, WRITE_MAP: t
 
 
 @triton.jit
-def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, grad_divisor, eps_ptr,
+def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, prm_ptr,
                     GRAD_MAP: tl.constexpr, CDT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    eps = tl.load(eps_ptr).to(CDT)
+    eps = tl.load(prm_ptr + 0)  # scalar_args(x, [eps, divisor]), in the compute dtype
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     hw = H * W
     xb = x_ptr + plane * hw
@@ -101,7 +101,7 @@ def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, grad_divisor, eps
         w_scalar = 0.0
     else:  # reduced loss: the upstream gradient is one scalar on the device (no host sync)
         gb = g_ptr
-        w_scalar = tl.load(g_ptr).to(CDT) / grad_divisor
+        w_scalar = tl.load(g_ptr).to(CDT) / tl.load(prm_ptr + 1)
     ga0, ga1, gf0, gf1 = _grads(xb, f0b, f1b, gb, i, j, H, W, eps, w_scalar, GRAD_MAP, CDT)
     ga0_up, _a, _b, _c = _grads(xb, f0b, f1b, gb, i - 1, j, H, W, eps, w_scalar, GRAD_MAP, CDT)
     _d, ga1_left, _e, _f = _grads(xb, f0b, f1b, gb, i, j - 1, H, W, eps, w_scalar, GRAD_MAP, CDT)
@@ -114,10 +114,6 @@ def _cfl_bwd_kernel(x_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, H, W, grad_divisor, eps
     tl.store(gf_ptr + (2 * plane + 1) * hw + off, gf1.to(gf_ptr.dtype.element_ty), mask=valid)
 
 
-def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), v, dtype=like.dtype, device=like.device)
-
-
 @torch.library.custom_op("geokernels_triton::contour_flow_loss_forward", mutates_args=())
 def contour_flow_loss_forward(logits: torch.Tensor, flow: torch.Tensor, eps: float,
                               reduction: str) -> torch.Tensor:
@@ -125,14 +121,18 @@ def contour_flow_loss_forward(logits: torch.Tensor, flow: torch.Tensor, eps: flo
     f = flow.to(x.dtype).contiguous()
     H, W = x.shape[-2:]
     grid = tile_grid(x, BLOCK_H, BLOCK_W)
+    # eps in the compute dtype, not x's: 1e-8 is 0 in float16 (then |grad u| = 0 gives NaN)
+    prm = scalar_args(x, [eps])
     if reduction == "none":
         out = torch.empty_like(x)
-        _cfl_fwd_kernel[grid](x, f, out, out, H, W, _scalar(eps, x), WRITE_MAP=True,
-                              CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
+        with device_guard(x):
+            _cfl_fwd_kernel[grid](x, f, out, out, H, W, prm, WRITE_MAP=True,
+                                  CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
         return out
     partials = torch.empty(grid[0], dtype=torch.float64, device=x.device)
-    _cfl_fwd_kernel[grid](x, f, partials, partials, H, W, _scalar(eps, x), WRITE_MAP=False,
-                          CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
+    with device_guard(x):
+        _cfl_fwd_kernel[grid](x, f, partials, partials, H, W, prm, WRITE_MAP=False,
+                              CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
     total = partials.sum()
     if reduction == "mean":
         total = total / x.numel()
@@ -157,9 +157,10 @@ def contour_flow_loss_backward(grad: torch.Tensor, logits: torch.Tensor, flow: t
     g = grad.to(x.dtype).contiguous()
     divisor = float(x.numel()) if reduction == "mean" else 1.0
     grid = tile_grid(x, BLOCK_H, BLOCK_W)
-    _cfl_bwd_kernel[grid](x, f, g, gx, gf, H, W, divisor, _scalar(eps, x),
-                          GRAD_MAP=reduction == "none", CDT=compute_dtype(x.dtype), BH=BLOCK_H,
-                          BW=BLOCK_W)
+    prm = scalar_args(x, [eps, divisor])  # compute dtype: see the forward
+    with device_guard(x):
+        _cfl_bwd_kernel[grid](x, f, g, gx, gf, H, W, prm, GRAD_MAP=reduction == "none",
+                              CDT=compute_dtype(x.dtype), BH=BLOCK_H, BW=BLOCK_W)
     return gx, gf.to(flow.dtype)
 
 

@@ -4,6 +4,9 @@ Forward: one program per 2-D tile, stencil reads with indices clamped at 0 (repl
 equals the SPEC's "prepend" differences), per-tile partial sums reduced in a fixed order.
 Backward: single pass; each output pixel re-evaluates the per-pixel partials at the six
 positions its adjoint stencil touches (recompute instead of an intermediate buffer).
+Float parameters (margin, beta, eps, grad_threshold, the mean divisor) reach the kernels as a
+small device tensor in the compute dtype: compiled Triton passes a Python float argument as
+float32 (the interpreter keeps the double), which would round float64 constants.
 Runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -13,7 +16,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from geokernels.triton._tiles import compute_dtype, compute_torch_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, scalar_args,
+                                      tile_coords, tile_grid)
 
 BLOCK_H = 16
 BLOCK_W = 64
@@ -51,10 +55,23 @@ def _log1p_nonneg(z):
 
 
 @triton.jit
+def _sqrt_ieee(x):
+    # correctly rounded sqrt, as sqrtf/sqrt in the CPU/CUDA kernels. fp32 tl.sqrt compiles to
+    # sqrt.approx.ftz.f32, which flushes a subnormal s (eps = 0, |grad u| < 1.1e-19) to g = 0 while
+    # s > 0 holds, so grad_g / g becomes inf/NaN; tl.sqrt_rn is sqrt.rn.f32 (no flush) but takes
+    # fp32 only, and fp64 tl.sqrt is already sqrt.rn.f64. The interpreter computes both with numpy.
+    if x.dtype == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
 def _core(ux, uy, uxx, uyy, m, margin, eps, thr):
     s = ux * ux + uy * uy + eps
     pos = s > 0.0
-    g = tl.where(pos, tl.sqrt(tl.where(pos, s, 1.0)), 0.0)
+    g = tl.where(pos, _sqrt_ieee(tl.where(pos, s, 1.0)), 0.0)
     msk = g > thr
     gs = tl.where(msk, g, 1.0)
     t1 = (0.0 - uy) / gs
@@ -79,10 +96,14 @@ def _activation(x, beta, RELU: tl.constexpr):
 
 
 @triton.jit
-def _qc2_fwd_kernel(u_ptr, map_ptr, part_ptr, H, W, margin, beta, eps, thr,
+def _qc2_fwd_kernel(u_ptr, map_ptr, part_ptr, H, W, prm_ptr,
                     RELU: tl.constexpr, WRITE_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
+    margin = tl.load(prm_ptr + 0)  # scalar_args(u, [margin, beta, eps, grad_threshold])
+    beta = tl.load(prm_ptr + 1)
+    eps = tl.load(prm_ptr + 2)
+    thr = tl.load(prm_ptr + 3)
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     base = u_ptr + plane * H * W
     valid = (i < H) & (j < W)
@@ -152,10 +173,14 @@ def _qc2_grad_tile(ub, gb, i, j, H, W, w_scalar, margin, beta, eps, thr,
 
 
 @triton.jit
-def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, grad_divisor, margin, beta, eps, thr,
+def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, prm_ptr,
                     RELU: tl.constexpr, GRAD_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
+    margin = tl.load(prm_ptr + 0)  # scalar_args(u, [margin, beta, eps, grad_threshold, divisor])
+    beta = tl.load(prm_ptr + 1)
+    eps = tl.load(prm_ptr + 2)
+    thr = tl.load(prm_ptr + 3)
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     off = plane * H * W
     ub = u_ptr + off
@@ -164,7 +189,7 @@ def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, grad_divisor, margin, beta, eps
         w_scalar = 0.0
     else:  # reduced loss: the upstream gradient is one scalar on the device (no host sync)
         gb = g_ptr
-        w_scalar = tl.load(g_ptr).to(CDT) / grad_divisor
+        w_scalar = tl.load(g_ptr).to(CDT) / tl.load(prm_ptr + 4)
     grad = _qc2_grad_tile(ub, gb, i, j, H, W, w_scalar, margin, beta, eps, thr, RELU, GRAD_MAP, CDT)
     valid = (i < H) & (j < W)
     tl.store(out_ptr + off + i * W + j, grad.to(out_ptr.dtype.element_ty), mask=valid)
@@ -177,16 +202,17 @@ def qc2_loss_forward(u: torch.Tensor, margin: float, beta: float, eps: float,
     H, W = u.shape[-2:]
     grid = tile_grid(u, BLOCK_H, BLOCK_W)
     relu = activation == "relu"
+    prm = scalar_args(u, [margin, beta, eps, grad_threshold])
     if reduction == "none":
         out = torch.empty_like(u)
-        _qc2_fwd_kernel[grid](u, out, out, H, W, margin, beta, eps, grad_threshold,
-                              RELU=relu, WRITE_MAP=True, CDT=compute_dtype(u.dtype),
-                              BH=BLOCK_H, BW=BLOCK_W)
+        with device_guard(u):
+            _qc2_fwd_kernel[grid](u, out, out, H, W, prm, RELU=relu, WRITE_MAP=True,
+                                  CDT=compute_dtype(u.dtype), BH=BLOCK_H, BW=BLOCK_W)
         return out
     partials = torch.empty(grid[0], dtype=torch.float64, device=u.device)
-    _qc2_fwd_kernel[grid](u, u, partials, H, W, margin, beta, eps, grad_threshold,
-                          RELU=relu, WRITE_MAP=False, CDT=compute_dtype(u.dtype),
-                          BH=BLOCK_H, BW=BLOCK_W)
+    with device_guard(u):
+        _qc2_fwd_kernel[grid](u, u, partials, H, W, prm, RELU=relu, WRITE_MAP=False,
+                              CDT=compute_dtype(u.dtype), BH=BLOCK_H, BW=BLOCK_W)
     total = partials.sum()
     if reduction == "mean":
         total = total / u.numel()
@@ -208,10 +234,12 @@ def qc2_loss_backward(grad: torch.Tensor, u: torch.Tensor, margin: float, beta: 
     out = torch.empty_like(u)
     g = grad.to(u.dtype).contiguous()
     divisor = float(u.numel()) if reduction == "mean" else 1.0
+    prm = scalar_args(u, [margin, beta, eps, grad_threshold, divisor])
     grid = tile_grid(u, BLOCK_H, BLOCK_W)
-    _qc2_bwd_kernel[grid](u, g, out, H, W, divisor, margin, beta, eps, grad_threshold,
-                          RELU=activation == "relu", GRAD_MAP=reduction == "none",
-                          CDT=compute_dtype(u.dtype), BH=BLOCK_H, BW=BLOCK_W)
+    with device_guard(u):
+        _qc2_bwd_kernel[grid](u, g, out, H, W, prm, RELU=activation == "relu",
+                              GRAD_MAP=reduction == "none", CDT=compute_dtype(u.dtype),
+                              BH=BLOCK_H, BW=BLOCK_W)
     return out
 
 
@@ -394,12 +422,14 @@ def qc1_loss_forward(u: torch.Tensor, window: int, reduction: str) -> torch.Tens
     cdt = compute_dtype(u.dtype)
     if reduction == "none":
         out = torch.empty_like(u)
-        _qc1_fwd_kernel[grid](u, offs, dirs, out, out, H, W, offs.shape[0], WRITE_MAP=True,
-                              CDT=cdt, EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
+        with device_guard(u):
+            _qc1_fwd_kernel[grid](u, offs, dirs, out, out, H, W, offs.shape[0], WRITE_MAP=True,
+                                  CDT=cdt, EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
         return out
     partials = torch.empty(grid[0], dtype=torch.float64, device=u.device)
-    _qc1_fwd_kernel[grid](u, offs, dirs, u, partials, H, W, offs.shape[0], WRITE_MAP=False,
-                          CDT=cdt, EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
+    with device_guard(u):
+        _qc1_fwd_kernel[grid](u, offs, dirs, u, partials, H, W, offs.shape[0], WRITE_MAP=False,
+                              CDT=cdt, EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
     total = partials.sum()
     if reduction == "mean":
         total = total / (u.numel() * window * window)
@@ -424,13 +454,15 @@ def qc1_grad(u: torch.Tensor, weight: torch.Tensor, weight_is_map: bool, window:
     t = torch.empty(u.shape, dtype=cdt, device=u.device)
     ax = torch.empty_like(t)
     ay = torch.empty_like(t)
-    _qc1_bwd_gather_kernel[grid](u, weight, offs, dirs, t, ax, ay, H, W, offs.shape[0],
-                                 W_MAP=weight_is_map, CDT=compute_dtype(u.dtype),
-                                 EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
+    with device_guard(u):  # also covers CGPM's calls
+        _qc1_bwd_gather_kernel[grid](u, weight, offs, dirs, t, ax, ay, H, W, offs.shape[0],
+                                     W_MAP=weight_is_map, CDT=compute_dtype(u.dtype),
+                                     EXACT_MUL=u.is_cuda, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
     if not finish:
         return t, ax, ay
     out = torch.empty_like(u)
-    _qc1_bwd_finish_kernel[grid](t, ax, ay, out, H, W, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
+    with device_guard(u):
+        _qc1_bwd_finish_kernel[grid](t, ax, ay, out, H, W, BH=QC1_BLOCK_H, BW=QC1_BLOCK_W)
     return out
 
 
