@@ -10,6 +10,11 @@ Path building: one program per (path, element block). Fused reduction: one progr
 pixel block) holding a (pixels, K) tile of mismatches; the order statistic is selected by
 counting (rank of d_k = #{j: d_j < d_k} + #{j < k: d_j == d_k}), NaN propagates. Each program
 writes its own "non-finite seen" flag (no atomics, deterministic).
+
+Grids are 1-D, programs numbered row-major over (path or image, block) and split in int64 inside
+the kernels: CUDA caps grid axes 1 and 2 at 65535 (Triton does not check, the launch fails with
+"invalid argument"), which the block count of a 2048x2048 image or B*K paths can exceed; axis 0
+allows 2^31 - 1.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from geokernels.triton._tiles import compute_dtype, compute_torch_dtype
+from geokernels.triton._tiles import compute_dtype, device_guard, scalar_args
 
 ELEM_BLOCK = 256
 PIX_BLOCK = 64
@@ -113,8 +118,10 @@ def _normal(seed_lo, seed_hi, image, path, e):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0"])
 def _noise_kernel(out_ptr, CHW, K, seed_lo, seed_hi, image0, BLOCK: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(CHW, BLOCK)
+    n = pid // blocks
+    e = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = e < CHW
     eps = _normal(seed_lo, seed_hi, image0 + n // K, n % K, e)
     tl.store(out_ptr + n * CHW + e, eps.to(out_ptr.dtype.element_ty), mask=valid)
@@ -125,10 +132,12 @@ def _paths_kernel(x_ptr, noise_ptr, out_ptr, coef_ptr, CHW, K, path_start, seed_
                   image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     a = tl.load(coef_ptr)  # 1 - t and t in the compute dtype (float kernel arguments are fp32)
     t = tl.load(coef_ptr + 1)
-    local = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(CHW, BLOCK)
+    local = pid // blocks
     n = path_start + local
     b = n // K
-    e = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    e = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = e < CHW
     if HAS_NOISE:
         eps = tl.load(noise_ptr + n * CHW + e, mask=valid, other=0.0).to(CDT)
@@ -160,14 +169,18 @@ def _mismatch(v_ptr, x_ptr, noise_ptr, n, b, k, p, mask, C: tl.constexpr, HW, se
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0", "path_start"])
 def _delta_kernel(v_ptr, x_ptr, noise_ptr, out_ptr, C: tl.constexpr, HW, K, path_start, seed_lo,
                   seed_hi, image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
-    local = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(HW, BLOCK)
+    local = pid // blocks
     n = path_start + local
-    p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = p < HW
     zero = tl.zeros([BLOCK], tl.int64)
     # v of this call starts at path_start: index v by `local`, the noise/eps by the global n
-    d = _mismatch(v_ptr - path_start * C * HW, x_ptr, noise_ptr, n + zero, n // K + zero,
-                  n % K + zero, p, valid, C, HW, seed_lo, seed_hi, image0, HAS_NOISE, CDT)
+    # (the shift in int64: path_start * C * HW passes 2^31 for large chunked calls)
+    d = _mismatch(v_ptr - path_start.to(tl.int64) * C * HW, x_ptr, noise_ptr, n + zero,
+                  n // K + zero, n % K + zero, p, valid, C, HW, seed_lo, seed_hi, image0,
+                  HAS_NOISE, CDT)
     tl.store(out_ptr + local * HW + p, d.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -199,8 +212,10 @@ def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, 
                        HW, K, rank, seed_lo, seed_hi, image0, HAS_NOISE: tl.constexpr,
                        MEAN: tl.constexpr, CDT: tl.constexpr, KP: tl.constexpr,
                        BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(HW, BLOCK)
+    b = pid // blocks
+    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
     kvalid = (k < K)[None, :] & pv[:, None]
@@ -210,15 +225,16 @@ def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, 
     res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
-    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(flag_ptr + pid, tl.max(tl.where(pv, nonfinite, 0), axis=0))
 
 
 @triton.jit
 def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, MEAN: tl.constexpr,
                       CDT: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(HW, BLOCK)
+    b = pid // blocks
+    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
     kvalid = (k < K)[None, :] & pv[:, None]
@@ -226,19 +242,10 @@ def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, ME
     res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
-    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(flag_ptr + pid, tl.max(tl.where(pv, nonfinite, 0), axis=0))
 
 
 # ---- host side ----------------------------------------------------------------------------------
-def _scalars(like: torch.Tensor, values) -> torch.Tensor:
-    """Scalars in the compute dtype, filled on the device (no host-device copy or sync)."""
-    out = torch.empty(len(values), dtype=compute_torch_dtype(like.dtype), device=like.device)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
 def _seed_words(seed: int) -> tuple[int, int]:
     s = seed % 2**64
     return s & 0xFFFFFFFF, s >> 32
@@ -254,8 +261,9 @@ def noise(x: torch.Tensor, seed: int, image_offset: int, num_paths: int) -> torc
     B, C, H, W = x.shape
     out = torch.empty(B, num_paths, C, H, W, dtype=x.dtype, device=x.device)
     lo, hi = _seed_words(seed)
-    _noise_kernel[(B * num_paths, triton.cdiv(C * H * W, ELEM_BLOCK))](
-        out, C * H * W, num_paths, lo, hi, image_offset, BLOCK=ELEM_BLOCK)
+    with device_guard(x):
+        _noise_kernel[(B * num_paths * triton.cdiv(C * H * W, ELEM_BLOCK),)](
+            out, C * H * W, num_paths, lo, hi, image_offset, BLOCK=ELEM_BLOCK)
     return out
 
 
@@ -275,9 +283,10 @@ def paths(x: torch.Tensor, noise: Optional[torch.Tensor], t: float, seed: int, i
         return out
     lo, hi = _seed_words(seed)
     nz = noise.contiguous() if noise is not None else x
-    _paths_kernel[(path_count, triton.cdiv(C * H * W, ELEM_BLOCK))](
-        x, nz, out, _scalars(x, [1.0 - t, t]), C * H * W, num_paths, path_start, lo, hi, image_offset,
-        HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=ELEM_BLOCK)
+    with device_guard(x):
+        _paths_kernel[(path_count * triton.cdiv(C * H * W, ELEM_BLOCK),)](
+            x, nz, out, scalar_args(x, [1.0 - t, t]), C * H * W, num_paths, path_start, lo, hi,
+            image_offset, HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=ELEM_BLOCK)
     return out
 
 
@@ -297,9 +306,10 @@ def delta(v: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], seed:
         return out
     lo, hi = _seed_words(seed)
     nz = noise.contiguous() if noise is not None else x
-    _delta_kernel[(count, triton.cdiv(H * W, PIX_BLOCK))](
-        v, x, nz, out, C, H * W, num_paths, path_start, lo, hi, image_offset,
-        HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=PIX_BLOCK)
+    with device_guard(x):
+        _delta_kernel[(count * triton.cdiv(H * W, PIX_BLOCK),)](
+            v, x, nz, out, C, H * W, num_paths, path_start, lo, hi, image_offset,
+            HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=PIX_BLOCK)
     return out
 
 
@@ -316,14 +326,15 @@ def accumulate_(heat: torch.Tensor, v: torch.Tensor, x: torch.Tensor, noise: Opt
     B, C, H, W = x.shape
     work = heat if heat.is_contiguous() else heat.contiguous()
     kp, block = _pix_block(num_paths)
-    grid = (B, triton.cdiv(H * W, block))
-    flags = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+    grid = (B * triton.cdiv(H * W, block),)  # one flag per program
+    flags = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
     lo, hi = _seed_words(seed)
     nz = noise.contiguous() if noise is not None else x
-    _accumulate_kernel[grid](work, v, x, nz, flags, _scalars(work, [weight]), C, H * W, num_paths,
-                             rank, lo, hi,
-                             image_offset, HAS_NOISE=noise is not None, MEAN=mean,
-                             CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
+    with device_guard(x):
+        _accumulate_kernel[grid](work, v, x, nz, flags, scalar_args(work, [weight]), C, H * W,
+                                 num_paths, rank, lo, hi, image_offset,
+                                 HAS_NOISE=noise is not None, MEAN=mean,
+                                 CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
     if work is not heat:
         heat.copy_(work)
     return flags.any()
@@ -341,10 +352,11 @@ def aggregate_(heat: torch.Tensor, delta: torch.Tensor, weight: float, rank: int
     B, K, H, W = delta.shape
     work = heat if heat.is_contiguous() else heat.contiguous()
     kp, block = _pix_block(K)
-    grid = (B, triton.cdiv(H * W, block))
-    flags = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=delta.device)
-    _aggregate_kernel[grid](work, delta, flags, _scalars(work, [weight]), H * W, K, rank, MEAN=mean,
-                            CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
+    grid = (B * triton.cdiv(H * W, block),)  # one flag per program
+    flags = torch.zeros(grid[0], dtype=torch.int32, device=delta.device)
+    with device_guard(delta):
+        _aggregate_kernel[grid](work, delta, flags, scalar_args(work, [weight]), H * W, K, rank,
+                                MEAN=mean, CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
     if work is not heat:
         heat.copy_(work)
     return flags.any()

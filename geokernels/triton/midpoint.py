@@ -24,7 +24,7 @@ import triton.language as tl
 from geokernels._checks import get_checks
 from geokernels.ops import midpoint as _ops
 from geokernels.reference.midpoint import midpoint_offsets
-from geokernels.triton._tiles import compute_dtype, tile_coords, tile_grid
+from geokernels.triton._tiles import compute_dtype, device_guard, tile_coords, tile_grid
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -88,7 +88,8 @@ def _sweep_kernel(in_ptr, out_ptr, src_in_ptr, src_out_ptr, dy_ptr, dx_ptr, K: t
 @triton.jit
 def _segment_sum_kernel(keys_ptr, grad_ptr, out_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """keys sorted (stably); each run of equal keys sums its grads in order into out[key]."""
-    pos = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64: B*C*H*W can reach 2^31 (an int32 pos would wrap negative and still pass pos < N)
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pos < N
     key = tl.load(keys_ptr + pos, mask=inside, other=-2)
     prev = tl.load(keys_ptr + pos - 1, mask=inside & (pos > 0), other=-3)
@@ -137,15 +138,16 @@ def midpoint_convexify_forward(u: torch.Tensor, radius: float, max_iters: int, t
     change = torch.zeros(grid[0], dtype=torch.float64, device=dev)
     stopped = torch.zeros(1, dtype=torch.int64, device=dev)
     sweeps = torch.zeros((), dtype=torch.int64, device=dev)
-    for s in range(1, max_iters + 1):
-        a, b = (s - 1) % 2, s % 2
-        _sweep_kernel[grid](bufs[a], bufs[b], srcs[a] if track_sources else bufs[a],
-                            srcs[b] if track_sources else bufs[b], dy, dx, K, H, W, change,
-                            stopped, TRACK=track_sources, BH=BLOCK_H, BW=BLOCK_W)
-        sweeps += 1 - stopped[0]
-        stopped |= (change.max() <= tol).to(torch.int64)
-        if s % SYNC_EVERY == 0 and bool(stopped.item()):
-            break
+    with device_guard(u):
+        for s in range(1, max_iters + 1):
+            a, b = (s - 1) % 2, s % 2
+            _sweep_kernel[grid](bufs[a], bufs[b], srcs[a] if track_sources else bufs[a],
+                                srcs[b] if track_sources else bufs[b], dy, dx, K, H, W, change,
+                                stopped, TRACK=track_sources, BH=BLOCK_H, BW=BLOCK_W)
+            sweeps += 1 - stopped[0]
+            stopped |= (change.max() <= tol).to(torch.int64)
+            if s % SYNC_EVERY == 0 and bool(stopped.item()):
+                break
     even = (sweeps % 2) == 0
     out = torch.where(even, bufs[0], bufs[1])
     sources = (torch.where(even, srcs[0], srcs[1]) if track_sources
@@ -175,9 +177,10 @@ def midpoint_convexify_backward(grad: torch.Tensor, sources: torch.Tensor) -> to
     sorted_keys, order = torch.sort(keys, stable=True)
     grad_sorted = grad.reshape(-1)[order].contiguous()
     out = torch.zeros(planes * n + 1, dtype=grad.dtype, device=grad.device)
-    _segment_sum_kernel[(triton.cdiv(keys.numel(), BLOCK_SEGMENTS),)](
-        sorted_keys, grad_sorted, out, keys.numel(), BLOCK=BLOCK_SEGMENTS,
-        ACC=compute_dtype(grad.dtype))
+    with device_guard(grad):
+        _segment_sum_kernel[(triton.cdiv(keys.numel(), BLOCK_SEGMENTS),)](
+            sorted_keys, grad_sorted, out, keys.numel(), BLOCK=BLOCK_SEGMENTS,
+            ACC=compute_dtype(grad.dtype))
     return out[:-1].view(B, C, H, W)
 
 
