@@ -116,12 +116,18 @@ def _normal(seed_lo, seed_hi, image, path, e):
     return tl.where((lane & 1) == 0, n_cos, n_sin)
 
 
+@triton.jit
+def _row_block(n, BLOCK: tl.constexpr):
+    """This program's row and int64 offsets of its BLOCK elements on a 1-D grid numbered
+    row-major over (row, block of a row's n elements)."""
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(n, BLOCK)
+    return pid // blocks, (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0"])
 def _noise_kernel(out_ptr, CHW, K, seed_lo, seed_hi, image0, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(CHW, BLOCK)
-    n = pid // blocks
-    e = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    n, e = _row_block(CHW, BLOCK)
     valid = e < CHW
     eps = _normal(seed_lo, seed_hi, image0 + n // K, n % K, e)
     tl.store(out_ptr + n * CHW + e, eps.to(out_ptr.dtype.element_ty), mask=valid)
@@ -132,12 +138,9 @@ def _paths_kernel(x_ptr, noise_ptr, out_ptr, coef_ptr, CHW, K, path_start, seed_
                   image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
     a = tl.load(coef_ptr)  # 1 - t and t in the compute dtype (float kernel arguments are fp32)
     t = tl.load(coef_ptr + 1)
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(CHW, BLOCK)
-    local = pid // blocks
+    local, e = _row_block(CHW, BLOCK)
     n = path_start + local
     b = n // K
-    e = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = e < CHW
     if HAS_NOISE:
         eps = tl.load(noise_ptr + n * CHW + e, mask=valid, other=0.0).to(CDT)
@@ -169,11 +172,8 @@ def _mismatch(v_ptr, x_ptr, noise_ptr, n, b, k, p, mask, C: tl.constexpr, HW, se
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0", "path_start"])
 def _delta_kernel(v_ptr, x_ptr, noise_ptr, out_ptr, C: tl.constexpr, HW, K, path_start, seed_lo,
                   seed_hi, image0, HAS_NOISE: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(HW, BLOCK)
-    local = pid // blocks
+    local, p = _row_block(HW, BLOCK)
     n = path_start + local
-    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = p < HW
     zero = tl.zeros([BLOCK], tl.int64)
     # v of this call starts at path_start: index v by `local`, the noise/eps by the global n
@@ -212,10 +212,7 @@ def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, 
                        HW, K, rank, seed_lo, seed_hi, image0, HAS_NOISE: tl.constexpr,
                        MEAN: tl.constexpr, CDT: tl.constexpr, KP: tl.constexpr,
                        BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(HW, BLOCK)
-    b = pid // blocks
-    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    b, p = _row_block(HW, BLOCK)
     k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
     kvalid = (k < K)[None, :] & pv[:, None]
@@ -225,16 +222,13 @@ def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, 
     res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
-    tl.store(flag_ptr + pid, tl.max(tl.where(pv, nonfinite, 0), axis=0))
+    tl.store(flag_ptr + tl.program_id(0), tl.max(tl.where(pv, nonfinite, 0), axis=0))
 
 
 @triton.jit
 def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, MEAN: tl.constexpr,
                       CDT: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(HW, BLOCK)
-    b = pid // blocks
-    p = (pid % blocks) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    b, p = _row_block(HW, BLOCK)
     k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
     kvalid = (k < K)[None, :] & pv[:, None]
@@ -242,7 +236,7 @@ def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, ME
     res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
-    tl.store(flag_ptr + pid, tl.max(tl.where(pv, nonfinite, 0), axis=0))
+    tl.store(flag_ptr + tl.program_id(0), tl.max(tl.where(pv, nonfinite, 0), axis=0))
 
 
 # ---- host side ----------------------------------------------------------------------------------

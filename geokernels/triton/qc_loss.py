@@ -96,14 +96,18 @@ def _activation(x, beta, RELU: tl.constexpr):
 
 
 @triton.jit
+def _qc2_params(prm_ptr):
+    """margin, beta, eps, grad_threshold from scalar_args(u, [margin, beta, eps, grad_threshold,
+    ...]) (float parameters come as a tensor: compiled Triton would pass floats as fp32)."""
+    return tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
+
+
+@triton.jit
 def _qc2_fwd_kernel(u_ptr, map_ptr, part_ptr, H, W, prm_ptr,
                     RELU: tl.constexpr, WRITE_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    margin = tl.load(prm_ptr + 0)  # scalar_args(u, [margin, beta, eps, grad_threshold])
-    beta = tl.load(prm_ptr + 1)
-    eps = tl.load(prm_ptr + 2)
-    thr = tl.load(prm_ptr + 3)
+    margin, beta, eps, thr = _qc2_params(prm_ptr)
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     base = u_ptr + plane * H * W
     valid = (i < H) & (j < W)
@@ -177,10 +181,7 @@ def _qc2_bwd_kernel(u_ptr, g_ptr, out_ptr, H, W, prm_ptr,
                     RELU: tl.constexpr, GRAD_MAP: tl.constexpr, CDT: tl.constexpr,
                     BH: tl.constexpr, BW: tl.constexpr):
     pid = tl.program_id(0)
-    margin = tl.load(prm_ptr + 0)  # scalar_args(u, [margin, beta, eps, grad_threshold, divisor])
-    beta = tl.load(prm_ptr + 1)
-    eps = tl.load(prm_ptr + 2)
-    thr = tl.load(prm_ptr + 3)
+    margin, beta, eps, thr = _qc2_params(prm_ptr)  # [4] is the mean divisor
     plane, i, j = tile_coords(pid, H, W, BH, BW)
     off = plane * H * W
     ub = u_ptr + off
