@@ -291,3 +291,29 @@ def test_non_finite_loss_stops_training(monkeypatch):
     monkeypatch.setattr(VelocityUNet, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite by step 8"):
         train(_images(), **dict(FAST, steps=12))
+
+
+def test_cudnn_benchmark_is_restored(monkeypatch):
+    # CUDA training turns cudnn.benchmark on (fixed shapes); a process-wide flag must be given
+    # back afterwards, also when the loop fails, or every later convolution of the caller changes
+    train_mod = sys.modules[train.__module__]   # the package's `train` is the function
+
+    real_loop = train_mod._train_loop
+
+    def loop_as_on_cuda(*args, **kwargs):
+        torch.backends.cudnn.benchmark = True       # what the loop does for a CUDA device
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_loop", loop_as_on_cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train(_images(8), **dict(FAST, steps=2))
+    assert torch.backends.cudnn.benchmark is False
+
+    def failing_loop(*args, **kwargs):
+        torch.backends.cudnn.benchmark = True
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_mod, "_train_loop", failing_loop)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(_images(8), **dict(FAST, steps=2))
+    assert torch.backends.cudnn.benchmark is False

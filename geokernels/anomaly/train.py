@@ -426,12 +426,14 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
     if config.batch_size % dist_ctx.world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of "
                          f"processes ({dist_ctx.world})")
+    cudnn_benchmark = torch.backends.cudnn.benchmark   # _train_loop turns it on for CUDA runs
     try:
         if time_budget_s is not None and not time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0, got {time_budget_s!r}")
         return _train_loop(images, labels, class_names, model, config, checkpoint, resume,
                            dist_ctx, progress, compile, time_budget_s)
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark   # a global: leave it as it was
         dist_ctx.close()
 
 
