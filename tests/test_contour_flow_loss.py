@@ -80,6 +80,24 @@ def test_eps_band(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("contour_flow_loss"))
+def test_float32_tiny_gradients_and_eps(device, backend):
+    # logits around -46 (sigmoid ~ 1e-20, neighbours a level e^2 apart so the differences are
+    # well conditioned): |grad u|^2 ~ 1e-39 is subnormal in float32 and eps = 1e-30 < |grad u|.
+    # s c / (A |a|) * a overflowed there (A |a| ~ 1e-40): NaN logits gradient, reference finite
+    i, j = torch.meshgrid(torch.arange(9), torch.arange(13), indexing="ij")
+    level = ((i + j) % 3).to(torch.float64)
+    x = (-44.0 - 2.0 * level + 0.3 * torch.rand(2, 1, 9, 13, dtype=torch.float64)).float()
+    f = torch.nn.functional.normalize(torch.randn(2, 2, 9, 13, dtype=torch.float64), dim=1).float()
+    for reduction in ("sum", "none"):
+        out, ref, (gx, gf), (gx_ref, gf_ref) = _compare(x.to(device), f.to(device), backend,
+                                                        reduction, eps=1e-30)
+        assert torch.isfinite(gx).all() and torch.isfinite(gf).all()
+        assert_close_rel(out, ref, torch.float32, factor=10, what=f"{reduction} forward")
+        assert_close_rel(gx, gx_ref, torch.float32, factor=10, what=f"{reduction} grad logits")
+        assert_close_rel(gf, gf_ref, torch.float32, factor=10, what=f"{reduction} grad flow")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params("contour_flow_loss"))
 def test_noncontiguous_input(device, backend):
     x = torch.randn(2, 3, 19, 13, dtype=torch.float64, device=device).transpose(-1, -2)
     f = torch.randn(2, 6, 19, 13, dtype=torch.float64, device=device).transpose(-1, -2)

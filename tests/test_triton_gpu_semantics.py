@@ -88,19 +88,24 @@ def test_contour_flow_float64_with_float32_kernel_args(float32_kernel_args, redu
         assert_close_rel(a, b, what="grad")
 
 
-@pytest.mark.parametrize("activation", ["softplus", "relu"])
-def test_qc2_float32_eps0_tiny_gradients_with_ftz_sqrt(monkeypatch, activation):
+@pytest.fixture
+def ftz_sqrt(monkeypatch):
+    """fp32 tl.sqrt as compiled (sqrt.approx.ftz.f32): a subnormal input is flushed to 0."""
     import triton.runtime.interpreter as interp
 
     tiny = np.finfo(np.float32).tiny
 
-    def ftz_sqrt(x):  # sqrt.approx.ftz.f32: a subnormal input is flushed to 0
+    def sqrt(x):
         if x.dtype == np.float32:
             x = np.where(np.abs(x) < tiny, np.zeros_like(x), x)
         return np.sqrt(x)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_sqrt",
-                        lambda self, arg: self.unary_op(arg, ftz_sqrt))
+                        lambda self, arg: self.unary_op(arg, sqrt))
+
+
+@pytest.mark.parametrize("activation", ["softplus", "relu"])
+def test_qc2_float32_eps0_tiny_gradients_with_ftz_sqrt(ftz_sqrt, activation):
     # u of order 1e-19: ux^2 + uy^2 is subnormal in float32, and eps = 0
     u = (torch.rand(1, 1, 8, 8, dtype=torch.float64) * 1e-19 + 1e-19).float()
     u_k = u.clone().requires_grad_()
@@ -111,6 +116,29 @@ def test_qc2_float32_eps0_tiny_gradients_with_ftz_sqrt(monkeypatch, activation):
     (g_ref,) = torch.autograd.grad(ref, u_ref)
     assert torch.isfinite(g_k).all()
     assert_close_rel(g_k, g_ref, torch.float32, factor=10, what="grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_contour_flow_float32_tiny_eps_with_ftz_sqrt(ftz_sqrt, reduction):
+    # logits near -46 (neighbours a level e^2 apart): sigmoid ~ 1e-20, so |grad u|^2 ~ 1e-39 is
+    # subnormal in float32; with eps = 1e-30 < |grad u| the norm must not be flushed to 0 (that
+    # made |c| ~ 1e10, not <= 1)
+    torch.manual_seed(3)
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(12), indexing="ij")
+    level = ((i + j) % 3).to(torch.float64)
+    x = (-44.0 - 2.0 * level + 0.3 * torch.rand(2, 1, 8, 12, dtype=torch.float64)).float()
+    f = torch.nn.functional.normalize(torch.randn(2, 2, 8, 12, dtype=torch.float64), dim=1).float()
+    x_k, f_k = x.clone().requires_grad_(), f.clone().requires_grad_()
+    x_r, f_r = x.double().requires_grad_(), f.double().requires_grad_()
+    out = geokernels.contour_flow_loss(x_k, f_k, eps=1e-30, reduction=reduction, backend="triton")
+    ref = reference.contour_flow_loss(x_r, f_r, eps=1e-30, reduction=reduction)
+    assert_close_rel(out, ref, torch.float32, factor=10, what="forward")
+    cot = torch.randn(ref.shape, dtype=torch.float64)
+    g_k = torch.autograd.grad(out, (x_k, f_k), cot.float())
+    g_r = torch.autograd.grad(ref, (x_r, f_r), cot)
+    for a, b in zip(g_k, g_r):
+        assert torch.isfinite(a).all()
+        assert_close_rel(a, b, torch.float32, factor=10, what="grad")
 
 
 def test_contour_flow_float16_keeps_eps():

@@ -55,3 +55,17 @@ def scalar_args(like: torch.Tensor, values) -> torch.Tensor:
     for k, v in enumerate(values):
         out[k] = v
     return out
+
+
+@triton.jit
+def sqrt_ieee(x):
+    # correctly rounded sqrt, as sqrtf/sqrt in the CPU/CUDA kernels. fp32 tl.sqrt compiles to
+    # sqrt.approx.ftz.f32, which flushes a subnormal argument to 0: a norm |a| < 1.1e-19 becomes
+    # 0 (qc2 at eps = 0: grad_g / g = inf/NaN; contour flow at eps < |a|: the cosine collapses).
+    # tl.sqrt_rn is sqrt.rn.f32 (no flush) but takes fp32 only, and fp64 tl.sqrt is already
+    # sqrt.rn.f64. The interpreter computes both with numpy.
+    if x.dtype == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r

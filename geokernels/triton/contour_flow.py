@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from geokernels.triton._tiles import compute_dtype, device_guard, scalar_args, tile_coords, tile_grid
+from geokernels.triton._tiles import (compute_dtype, device_guard, scalar_args, sqrt_ieee, tile_coords,
+                                      tile_grid)
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -37,8 +38,8 @@ def _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT: tl.constexpr):
     a1 = tl.where(inside, a1, 0.0)
     f0 = tl.load(f0_ptr + i * W + j, mask=inside, other=0.0).to(CDT)
     f1 = tl.load(f1_ptr + i * W + j, mask=inside, other=0.0).to(CDT)
-    na = tl.sqrt(a0 * a0 + a1 * a1)
-    nf = tl.sqrt(f0 * f0 + f1 * f1)
+    na = sqrt_ieee(a0 * a0 + a1 * a1)   # not tl.sqrt: fp32 flushes a subnormal |a|^2 to 0
+    nf = sqrt_ieee(f0 * f0 + f1 * f1)
     A = tl.maximum(na, eps)
     Fn = tl.maximum(nf, eps)
     inv = 1.0 / (A * Fn)
@@ -58,12 +59,16 @@ def _grads(x_ptr, f0_ptr, f1_ptr, g_ptr, i, j, H, W, eps, w_scalar, GRAD_MAP: tl
     s = tl.where(c > 0.0, w, tl.where(c < 0.0, 0.0 - w, 0.0))
     si = s * inv
     sc = s * c
-    ka = tl.where(na > 0.0, sc / (A * tl.where(na > 0.0, na, 1.0)), 0.0)
-    kf = tl.where(nf > 0.0, sc / (Fn * tl.where(nf > 0.0, nf, 1.0)), 0.0)
-    ga0 = tl.where(inside, f0 * si - ka * a0, 0.0)
-    ga1 = tl.where(inside, f1 * si - ka * a1, 0.0)
-    gf0 = a0 * si - kf * f0
-    gf1 = a1 * si - kf * f1
+    # (s c / A)(a / |a|): the unit vector first, as in contour_flow_math.h (s c / (A |a|) * a
+    # overflows in float32 once A |a| is subnormal)
+    ra = tl.where(na > 0.0, 1.0 / tl.where(na > 0.0, na, 1.0), 0.0)
+    rf = tl.where(nf > 0.0, 1.0 / tl.where(nf > 0.0, nf, 1.0), 0.0)
+    ka = sc / A
+    kf = sc / Fn
+    ga0 = tl.where(inside, f0 * si - ka * (a0 * ra), 0.0)
+    ga1 = tl.where(inside, f1 * si - ka * (a1 * ra), 0.0)
+    gf0 = a0 * si - kf * (f0 * rf)
+    gf1 = a1 * si - kf * (f1 * rf)
     return ga0, ga1, gf0, gf1
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, scalar_args,
-                                      tile_coords, tile_grid)
+                                      sqrt_ieee, tile_coords, tile_grid)
 
 BLOCK_H = 16
 BLOCK_W = 64
@@ -55,23 +55,10 @@ def _log1p_nonneg(z):
 
 
 @triton.jit
-def _sqrt_ieee(x):
-    # correctly rounded sqrt, as sqrtf/sqrt in the CPU/CUDA kernels. fp32 tl.sqrt compiles to
-    # sqrt.approx.ftz.f32, which flushes a subnormal s (eps = 0, |grad u| < 1.1e-19) to g = 0 while
-    # s > 0 holds, so grad_g / g becomes inf/NaN; tl.sqrt_rn is sqrt.rn.f32 (no flush) but takes
-    # fp32 only, and fp64 tl.sqrt is already sqrt.rn.f64. The interpreter computes both with numpy.
-    if x.dtype == tl.float32:
-        r = tl.sqrt_rn(x)
-    else:
-        r = tl.sqrt(x)
-    return r
-
-
-@triton.jit
 def _core(ux, uy, uxx, uyy, m, margin, eps, thr):
     s = ux * ux + uy * uy + eps
     pos = s > 0.0
-    g = tl.where(pos, _sqrt_ieee(tl.where(pos, s, 1.0)), 0.0)
+    g = tl.where(pos, sqrt_ieee(tl.where(pos, s, 1.0)), 0.0)
     msk = g > thr
     gs = tl.where(msk, g, 1.0)
     t1 = (0.0 - uy) / gs

@@ -42,17 +42,21 @@ GK_HD CflGrad<T> cfl_grad(T a0, T a1, T f0, T f1, S eps, T w) {
   const T c = (a0 * f0 + a1 * f1) * inv;
   const T s = gk_select(gk_gt(c, T(0)), w, gk_select(gk_gt(T(0), c), T(0) - w, T(0)));
   const T si = s * inv;
-  // s c / (A |a|) and s c / (F |f|), zero where the norm is zero
+  // (s c / A) (a / |a|) and (s c / F) (f / |f|), zero where the norm is zero. Scaled as
+  // autograd scales it (the unit vector first): s c / (A |a|) * a overflows in float32 once
+  // A |a| is subnormal (|a| ~ 1e-20 with a small eps): inf * 0 = NaN where the reference is finite.
   const auto a_pos = gk_gt(na, T(0));
   const auto f_pos = gk_gt(nf, T(0));
   const T sc = s * c;
-  const T ka = gk_select(a_pos, sc / (A * gk_select(a_pos, na, T(1))), T(0));
-  const T kf = gk_select(f_pos, sc / (Fn * gk_select(f_pos, nf, T(1))), T(0));
+  const T ra = gk_select(a_pos, T(1) / gk_select(a_pos, na, T(1)), T(0));   // 1/|a|, 0 at a = 0
+  const T rf = gk_select(f_pos, T(1) / gk_select(f_pos, nf, T(1)), T(0));
+  const T ka = sc / A;
+  const T kf = sc / Fn;
   CflGrad<T> g;
-  g.a0 = f0 * si - ka * a0;
-  g.a1 = f1 * si - ka * a1;
-  g.f0 = a0 * si - kf * f0;
-  g.f1 = a1 * si - kf * f1;
+  g.a0 = f0 * si - ka * (a0 * ra);
+  g.a1 = f1 * si - ka * (a1 * ra);
+  g.f0 = a0 * si - kf * (f0 * rf);
+  g.f1 = a1 * si - kf * (f1 * rf);
   return g;
 }
 
