@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
+
+from geokernels._files import write_json_atomic
 
 # module path of each sub-command family, in help order
 _SUBCOMMAND_MODULES = [
@@ -93,7 +94,7 @@ def _bench(args) -> int:
         for line in benchmark.format_table(rows).splitlines()[2:]:
             print("measured", line, flush=True)
         if args.json:
-            _write_json(args.json, [r.as_dict() for r in done])
+            write_json_atomic(args.json, [r.as_dict() for r in done])
 
     print("each case's rows as soon as measured (prefix: measured), the aligned table at the end", flush=True)
     try:
@@ -107,16 +108,8 @@ def _bench(args) -> int:
           f"the measured device copy bandwidth, CUDA only)")
     print(benchmark.format_table(results))
     if args.json:
-        _write_json(args.json, [r.as_dict() for r in results])
+        write_json_atomic(args.json, [r.as_dict() for r in results])
     return 0
-
-
-def _write_json(path, obj) -> None:
-    """Write atomically: a reader (or a kill) never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def _bench_parser(sub):

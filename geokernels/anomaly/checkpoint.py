@@ -14,9 +14,10 @@ Files are read with ``torch.load(weights_only=True)``: no arbitrary code runs on
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
+
+from geokernels._files import write_atomic
 
 TRAIN_FORMAT = "geokernels.flow_matching.train"
 DETECTOR_FORMAT = "geokernels.flow_mismatch.detector"
@@ -29,23 +30,7 @@ class CheckpointError(ValueError):
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> str:
     """torch.save ``obj`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def load_checkpoint(path: str | os.PathLike, formats=(TRAIN_FORMAT, DETECTOR_FORMAT),

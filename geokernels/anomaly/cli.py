@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from geokernels._files import write_json_atomic, write_text_atomic
+
 DATASETS = ("textures", "mvtec", "visa")
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap")
 METRIC_TITLES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
@@ -412,13 +414,12 @@ def cmd_eval(args) -> int:
     for k in METRIC_KEYS:
         results[k] = first[k]
     results["categories"] = first["categories"]
-    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
-        json.dump(results, fh, indent=2, default=float)
+    write_json_atomic(os.path.join(args.out, "metrics.json"), results, default=float)
     table = markdown_table(results, methods) + smoothing_table(results, methods)
-    with open(os.path.join(args.out, "metrics.md"), "w") as fh:
-        fh.write(f"# Flow-mismatch anomaly detection: {args.dataset}\n\nCheckpoint: `{source}`; "
-                 f"K={det.settings['K']}, T={det.settings['T']}, agg={det.settings['agg']}, "
-                 f"image size {size}.\n\n{table}")
+    write_text_atomic(os.path.join(args.out, "metrics.md"),
+                      f"# Flow-mismatch anomaly detection: {args.dataset}\n\n"
+                      f"Checkpoint: `{source}`; K={det.settings['K']}, T={det.settings['T']}, "
+                      f"agg={det.settings['agg']}, image size {size}.\n\n{table}")
     print(table)
     return 0
 
@@ -463,8 +464,8 @@ def cmd_score(args) -> int:
             Image.fromarray(overlay_tiles(img, h, None, vmax)).save(
                 os.path.join(args.out, f"{stem}_heatmap.png"))
             np.save(os.path.join(args.out, f"{stem}_heatmap.npy"), h.numpy())
-        with open(os.path.join(args.out, "scores.json"), "w") as fh:
-            json.dump({"checkpoint": source, "method": args.method, "scores": rows}, fh, indent=2)
+        write_json_atomic(os.path.join(args.out, "scores.json"),
+                          {"checkpoint": source, "method": args.method, "scores": rows})
     return 0
 
 
@@ -603,8 +604,7 @@ def cmd_train(args) -> int:
                                 "first_losses": r.losses[:10], "last_losses": r.losses[-10:],
                                 "loss_curve": _curve(r.losses)}
                             for k, r in runs.items()}}
-            with open(os.path.join(args.out, "train_log.json"), "w") as fh:
-                json.dump(log, fh, indent=2, default=float)
+            write_json_atomic(os.path.join(args.out, "train_log.json"), log, default=float)
             print(f"wrote {path} ({seconds:.1f} s)")
     finally:
         dist_ctx.close()

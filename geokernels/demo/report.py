@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
 import math
 import os
+
+from geokernels._files import write_json_atomic, write_text_atomic
 
 TITLES = {
     "anomaly": "Anomaly detection: Flow Mismatching",
@@ -163,14 +164,8 @@ def render_html(summary: dict, records: dict, env: dict, timing: dict, out_dir: 
 def write_report(out_dir: str, summary: dict, records: dict, env: dict, timing: dict,
                  quick: bool = False) -> tuple[str, str]:
     """Write summary.json and report.html into ``out_dir``; return their paths."""
-    summary_path = os.path.join(out_dir, "summary.json")
-    tmp = summary_path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(summary, fh, indent=2, allow_nan=False)
-    os.replace(tmp, summary_path)
-    report_path = os.path.join(out_dir, "report.html")
-    tmp = report_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(render_html(summary, records, env, timing, out_dir, quick=quick))
-    os.replace(tmp, report_path)
+    summary_path = write_json_atomic(os.path.join(out_dir, "summary.json"), summary,
+                                     allow_nan=False)
+    report_path = write_text_atomic(os.path.join(out_dir, "report.html"),
+                                    render_html(summary, records, env, timing, out_dir, quick=quick))
     return summary_path, report_path

@@ -13,12 +13,13 @@ Writes ``DIR/metrics.json`` (means + per-image values + settings), ``DIR/metrics
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 import torch
+
+from geokernels._files import write_json_atomic, write_text_atomic
 
 METRICS = ("dice", "iou", "hd95", "bd", "bdsd", "solidity", "gt_solidity")
 METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "bd": "BD", "bdsd": "BDSD",
@@ -166,10 +167,8 @@ def evaluate(checkpoint: str, out_dir: str | None = None, *, refine: str = "auto
                             for i in range(images.shape[0])]}
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
-        with open(os.path.join(out_dir, "metrics.md"), "w") as fh:
-            fh.write(format_markdown(result))
+        write_json_atomic(os.path.join(out_dir, "metrics.json"), result)
+        write_text_atomic(os.path.join(out_dir, "metrics.md"), format_markdown(result))
         if overlays > 0:
             result["overlays"] = write_overlays(os.path.join(out_dir, "overlays.png"), images,
                                                 preds, masks, max_rows=max(1, overlays // 4))

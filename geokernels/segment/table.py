@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from geokernels._files import write_json_atomic, write_text_atomic
+
 TABLE_METRICS = ("dice", "iou", "hd95", "bd", "solidity")
 LOWER_IS_BETTER = {"hd95", "bd", "bdsd"}
 
@@ -75,8 +77,7 @@ def run_table(out_dir: str, *, datasets=("shapes", "coins"),
                 result.update(prior=prior, seed=seed, train_seconds=train_seconds,
                               seconds=time.perf_counter() - t0)
                 os.makedirs(run_dir, exist_ok=True)
-                with open(metrics_path, "w") as fh:
-                    json.dump(result, fh, indent=2)
+                write_json_atomic(metrics_path, result)   # exists() above means finished
                 runs.append(result)
                 m = result["mean"]
                 log(f"{dataset:>6} {prior:>5} seed {seed}: " + "  ".join(
@@ -160,10 +161,9 @@ def _write(out_dir, runs, datasets, priors, seeds, command, train_kwargs) -> dic
     settings["seeds"] = list(seeds)
     result = {"command": command, "settings": settings, "table": table, "deltas_vs_none": deltas,
               "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in runs]}
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as fh:
-        fh.write(format_table(table, command, settings, deltas))
+    write_json_atomic(os.path.join(out_dir, "results.json"), result)
+    write_text_atomic(os.path.join(out_dir, "results.md"),
+                      format_table(table, command, settings, deltas))
     return result
 
 
