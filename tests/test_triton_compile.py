@@ -27,11 +27,15 @@ _TORCH_TO_TRITON = {torch.float32: "fp32", torch.float64: "fp64", torch.float16:
                     torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
 
 
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
 def _describe(fn, args, kwargs):
     """(signature, constexprs) of one launch, JSON-serialisable (Triton's own typing rules)."""
     import inspect
 
     params = inspect.signature(fn.fn).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
     bound = dict(zip(fn.arg_names, args), **kwargs)
     sig, consts = {}, {}
     for name in fn.arg_names:
@@ -75,10 +79,10 @@ def _drive_every_op():
         for mode in ("jacobi", "fast"):
             geokernels.midpoint_convexify(u, radius=1.5, max_iters=4, mode=mode,
                                           backend="triton").sum().backward()
-        for q_nonneg in (False, True):
+        for q_nonneg, halfsize in ((False, 2), (True, 12)):   # 12: the window loop must not unroll
             o = rand(1, 1, 9, 11, grad=True)
-            geokernels.cfss_iterate(o, rand(1, 2, 9, 11), iters=3, halfsize=2, q_nonneg=q_nonneg,
-                                    backend="triton").sum().backward()
+            geokernels.cfss_iterate(o, rand(1, 2, 9, 11), iters=3, halfsize=halfsize,
+                                    q_nonneg=q_nonneg, backend="triton").sum().backward()
         x = rand(2, 3, 8, 8)
         # all paths per call, fewer than K (delta + aggregate), noise cached or regenerated
         for agg, chunk, noise_cache in (("min", None, None), ("mean", 2, False),
@@ -99,7 +103,7 @@ _COMPILE = textwrap.dedent("""
                   for k, v in job["consts"].items()}
         try:
             triton.compile(ASTSource(fn=kernel, signature=job["sig"], constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32))
+                           target=GPUTarget("cuda", 90, 32), options=job["options"])
         except Exception as exc:
             failures.append(f"{job['name']} {job['sig']} {job['consts']}: "
                             f"{type(exc).__name__}: {str(exc)[-1500:]}")
@@ -116,7 +120,9 @@ def test_every_launch_compiles_for_sm90(monkeypatch, tmp_path):
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         sig, consts = _describe(self, args, kwargs)
-        job = {"module": self.fn.__module__, "name": self.fn.__name__, "sig": sig, "consts": consts}
+        options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+        job = {"module": self.fn.__module__, "name": self.fn.__name__, "sig": sig, "consts": consts,
+               "options": options}
         jobs[json.dumps(job, sort_keys=True)] = job
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 

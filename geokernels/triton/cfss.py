@@ -85,7 +85,7 @@ def _step_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, un_ptr, qn_ptr, z_
     tau = tl.load(p_ptr + 1).to(CDT)
     lam = tl.load(p_ptr + 2).to(CDT)
     p = tl.zeros((BH, BW), dtype=CDT)
-    for a in tl.static_range(-HALF, HALF + 1):
+    for a in range(-HALF, HALF + 1):
         wa, _ = _tap(taps_ptr, a, HALF, CDT)
         hrow = tl.zeros((BH, BW), dtype=CDT)
         for b in tl.static_range(-HALF, HALF + 1):
@@ -156,7 +156,7 @@ def _reverse_kernel(o_ptr, t_ptr, p_ptr, taps_ptr, u_ptr, q_ptr, a_ptr, gq_ptr, 
     hxd = tl.zeros((BH, BW), dtype=CDT)
     ly = tl.zeros((BH, BW), dtype=CDT)
     lyd = tl.zeros((BH, BW), dtype=CDT)
-    for a in tl.static_range(-HALF, HALF + 1):
+    for a in range(-HALF, HALF + 1):
         wa, dwa = _tap(taps_ptr, a, HALF, CDT)
         hv = tl.zeros((BH, BW), dtype=CDT)
         ha = tl.zeros((BH, BW), dtype=CDT)
@@ -295,7 +295,7 @@ def cfss_backward(grad_z: torch.Tensor, o: torch.Tensor, T: torch.Tensor, params
             gq_out = torch.empty_like(o)
             _reverse_kernel[run.grid](o, T, pc, run.taps, x[0], x[1], A, gq if gq is not None else A, A_prev,
                                       gq_out, g_o, g_T, sums, run.H, run.W, HALF=halfsize,
-                                      NONNEG=q_nonneg, HAS_GQ=gq is not None, **run.kw)
+                                      NONNEG=q_nonneg, HAS_GQ=gq is not None, num_warps=8, **run.kw)
             adj["A"], adj["gq"] = A_prev, gq_out
 
         def replay(src, n):  # n iterations from src (None = the initial state)
