@@ -127,7 +127,8 @@ def cgpm_steps(o: torch.Tensor, m: torch.Tensor, v: torch.Tensor, u0: torch.Tens
             prm = table[s]
             if order == 2:
                 _cgpm_c2_step_kernel[grid](u_cur, u_next, u0, o, m, v, prm, H, W,
-                                           RELU=activation == "relu", CDT=cdt, BH=BLOCK_H, BW=BLOCK_W)
+                                           RELU=activation == "relu", CDT=cdt, BH=BLOCK_H, BW=BLOCK_W,
+                                           num_warps=8)   # 4 warps: fp64 spilled 1.7 KB (sm_90)
             else:
                 t, ax, ay = _qc.qc1_grad(u_cur, qc_weight[s:s + 1], False, window, finish=False)
                 _cgpm_c1_finish_kernel[grid](t, ax, ay, u_cur, u_next, u0, o, m, v, prm, H, W,
