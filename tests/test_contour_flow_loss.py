@@ -80,21 +80,32 @@ def test_eps_band(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("contour_flow_loss"))
-def test_float32_tiny_gradients_and_eps(device, backend):
-    # logits around -46 (sigmoid ~ 1e-20, neighbours a level e^2 apart so the differences are
-    # well conditioned): |grad u|^2 ~ 1e-39 is subnormal in float32 and eps = 1e-30 < |grad u|.
-    # s c / (A |a|) * a overflowed there (A |a| ~ 1e-40): NaN logits gradient, reference finite
+@pytest.mark.parametrize("case", ["f32", "f32-zero-flow", "f32-tiny-flow", "f64-zero-flow"])
+def test_tiny_gradients_flow_and_eps(device, backend, case):
+    # logits far below 0 (sigmoid ~ 1e-20 in float32, ~1e-131 in float64; neighbours a level e^2
+    # apart so the differences are well conditioned), a tiny eps, and flow that is zero on a row
+    # (contour_flow_field's output is 0 on every mask border) or tiny everywhere. The kernels
+    # computed s c / (A |a|) * a (NaN logits gradient) and (a.f) / (A F) (A F underflows:
+    # 0 * inf = NaN loss); the reference, scaling each vector first, is finite
+    dtype = torch.float64 if case.startswith("f64") else torch.float32
+    logit0, eps = (-300.0, 1e-300) if dtype == torch.float64 else (-44.0, 1e-30)
+    g = torch.Generator().manual_seed(5)
     i, j = torch.meshgrid(torch.arange(9), torch.arange(13), indexing="ij")
     level = ((i + j) % 3).to(torch.float64)
-    x = (-44.0 - 2.0 * level + 0.3 * torch.rand(2, 1, 9, 13, dtype=torch.float64)).float()
-    f = torch.nn.functional.normalize(torch.randn(2, 2, 9, 13, dtype=torch.float64), dim=1).float()
+    x = (logit0 - 2.0 * level + 0.3 * torch.rand(2, 1, 9, 13, dtype=torch.float64, generator=g))
+    f = torch.nn.functional.normalize(torch.randn(2, 2, 9, 13, dtype=torch.float64, generator=g),
+                                      dim=1)
+    if "zero-flow" in case:
+        f[..., 0, :] = 0
+    if "tiny-flow" in case:
+        f = f * 1e-20
+    x, f = x.to(dtype).to(device), f.to(dtype).to(device)
     for reduction in ("sum", "none"):
-        out, ref, (gx, gf), (gx_ref, gf_ref) = _compare(x.to(device), f.to(device), backend,
-                                                        reduction, eps=1e-30)
-        assert torch.isfinite(gx).all() and torch.isfinite(gf).all()
-        assert_close_rel(out, ref, torch.float32, factor=10, what=f"{reduction} forward")
-        assert_close_rel(gx, gx_ref, torch.float32, factor=10, what=f"{reduction} grad logits")
-        assert_close_rel(gf, gf_ref, torch.float32, factor=10, what=f"{reduction} grad flow")
+        out, ref, (gx, gf), (gx_ref, gf_ref) = _compare(x, f, backend, reduction, eps=eps)
+        assert torch.isfinite(out).all() and torch.isfinite(gx).all() and torch.isfinite(gf).all()
+        assert_close_rel(out, ref, dtype, factor=10, what=f"{reduction} forward")
+        assert_close_rel(gx, gx_ref, dtype, factor=10, what=f"{reduction} grad logits")
+        assert_close_rel(gf, gf_ref, dtype, factor=10, what=f"{reduction} grad flow")
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("contour_flow_loss"))

@@ -29,7 +29,8 @@ def _sig(x_ptr, i, j, H, W, CDT: tl.constexpr):
 
 @triton.jit
 def _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT: tl.constexpr):
-    """a = grad+ u, f and the pieces of |c| at (i, j); zero outside the image."""
+    """a = grad+ u, f and the pieces of |c| at (i, j); zero outside the image. Each vector is
+    scaled by its clamped norm first, as contour_flow_math.h (A F underflows in float32)."""
     inside = (i >= 0) & (i < H) & (j >= 0) & (j < W)
     u = _sig(x_ptr, i, j, H, W, CDT)
     a0 = _sig(x_ptr, i + 1, j, H, W, CDT) - u
@@ -40,35 +41,33 @@ def _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT: tl.constexpr):
     f1 = tl.load(f1_ptr + i * W + j, mask=inside, other=0.0).to(CDT)
     na = sqrt_ieee(a0 * a0 + a1 * a1)   # not tl.sqrt: fp32 flushes a subnormal |a|^2 to 0
     nf = sqrt_ieee(f0 * f0 + f1 * f1)
-    A = tl.maximum(na, eps)
-    Fn = tl.maximum(nf, eps)
-    inv = 1.0 / (A * Fn)
-    c = (a0 * f0 + a1 * f1) * inv
-    return a0, a1, f0, f1, na, nf, A, Fn, c, inv
+    iA = 1.0 / tl.maximum(na, eps)
+    iF = 1.0 / tl.maximum(nf, eps)
+    c = (a0 * iA) * (f0 * iF) + (a1 * iA) * (f1 * iF)
+    return a0, a1, f0, f1, na, nf, iA, iF, c
 
 
 @triton.jit
 def _grads(x_ptr, f0_ptr, f1_ptr, g_ptr, i, j, H, W, eps, w_scalar, GRAD_MAP: tl.constexpr,
            CDT: tl.constexpr):
     inside = (i >= 0) & (i < H) & (j >= 0) & (j < W)
-    a0, a1, f0, f1, na, nf, A, Fn, c, inv = _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT)
+    a0, a1, f0, f1, na, nf, iA, iF, c = _pixel(x_ptr, f0_ptr, f1_ptr, i, j, H, W, eps, CDT)
     if GRAD_MAP:
         w = tl.load(g_ptr + i * W + j, mask=inside, other=0.0).to(CDT)
     else:
         w = w_scalar
     s = tl.where(c > 0.0, w, tl.where(c < 0.0, 0.0 - w, 0.0))
-    si = s * inv
-    sc = s * c
-    # (s c / A)(a / |a|): the unit vector first, as in contour_flow_math.h (s c / (A |a|) * a
-    # overflows in float32 once A |a| is subnormal)
+    # dc/da = (f/F)/A - (c/A)(a/|a|), dc/df = (a/A)/F - (c/F)(f/|f|), as contour_flow_math.h
     ra = tl.where(na > 0.0, 1.0 / tl.where(na > 0.0, na, 1.0), 0.0)
     rf = tl.where(nf > 0.0, 1.0 / tl.where(nf > 0.0, nf, 1.0), 0.0)
-    ka = sc / A
-    kf = sc / Fn
-    ga0 = tl.where(inside, f0 * si - ka * (a0 * ra), 0.0)
-    ga1 = tl.where(inside, f1 * si - ka * (a1 * ra), 0.0)
-    gf0 = a0 * si - kf * (f0 * rf)
-    gf1 = a1 * si - kf * (f1 * rf)
+    sa = s * iA
+    sf = s * iF
+    ka = sa * c
+    kf = sf * c
+    ga0 = tl.where(inside, sa * (f0 * iF) - ka * (a0 * ra), 0.0)
+    ga1 = tl.where(inside, sa * (f1 * iF) - ka * (a1 * ra), 0.0)
+    gf0 = sf * (a0 * iA) - kf * (f0 * rf)
+    gf1 = sf * (a1 * iA) - kf * (f1 * rf)
     return ga0, ga1, gf0, gf1
 
 
@@ -83,7 +82,7 @@ def _cfl_fwd_kernel(x_ptr, f_ptr, map_ptr, part_ptr, H, W, prm_ptr, WRITE_MAP: t
     f0b = f_ptr + 2 * plane * hw
     f1b = f0b + hw
     valid = (i < H) & (j < W)
-    a0, a1, f0, f1, na, nf, A, Fn, c, inv = _pixel(xb, f0b, f1b, i, j, H, W, eps, CDT)
+    a0, a1, f0, f1, na, nf, iA, iF, c = _pixel(xb, f0b, f1b, i, j, H, W, eps, CDT)
     v = tl.where(valid, tl.abs(c), 0.0)
     if WRITE_MAP:
         tl.store(map_ptr + plane * hw + i * W + j, v.to(map_ptr.dtype.element_ty), mask=valid)
