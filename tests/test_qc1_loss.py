@@ -73,6 +73,22 @@ def test_flat_regions_match_relu_kink(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("qc1_loss"))
+@pytest.mark.parametrize("dtype,step", [(torch.float32, 30.0), (torch.float64, 60.0)],
+                         ids=["f32", "f64"])
+def test_large_neighbour_differences(device, backend, dtype, step):
+    # u is not always a probability (logits, distance maps): neighbours `step` apart put the
+    # pair's sigmoid at 1 - 1e-13 (f32) / 1e-26 (f64). sigma' taken as w (1 - w) from that side
+    # cancelled to 0 (relative gradient error 1.6 at step 30 in float32); the reference is exact
+    # (an exact ramp: the whole gradient is these tails, ~1e-11, nothing else masks them)
+    j = torch.arange(11, dtype=torch.float64)
+    u = (step * (11 - j)).expand(2, 1, 7, 11)
+    out, ref, g_k, g_ref = _compare(u.to(dtype).to(device), backend, "sum", 3)
+    assert torch.isfinite(g_k).all()
+    assert_close_rel(out, ref, dtype, factor=10, what="forward")
+    assert_close_rel(g_k, g_ref, dtype, factor=10, what="grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params("qc1_loss"))
 def test_noncontiguous_input(device, backend):
     interpreted = backend == "triton" and device == "cpu"
     base = torch.rand((1, 2, 7, 5) if interpreted else (2, 3, 21, 19), dtype=torch.float64, device=device)

@@ -53,6 +53,20 @@ def test_matches_reference(device, backend, dtype, reduction, opts):
 
 
 @pytest.mark.parametrize("device,backend", backend_device_params("qc2_loss"))
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_float32_large_values(device, backend, reduction):
+    # |u| ~ 1e15 (u is not always a probability): (grad_t1 uy - grad_t2 ux) / g^2 grows like
+    # |u|^3 before the division and overflowed (inf - inf = NaN past |u| ~ 7e12); the reference
+    # (unit-vector form) is finite
+    g = torch.Generator().manual_seed(4)
+    u = (1e15 * torch.rand(2, 1, 6, 7, dtype=torch.float64, generator=g)).float().to(device)
+    out, ref, g_k, g_ref = _compare(u, backend, reduction)
+    assert torch.isfinite(g_k).all()
+    assert_close_rel(out, ref, torch.float32, factor=10, what="forward")
+    assert_close_rel(g_k, g_ref, torch.float32, factor=10, what="grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_device_params("qc2_loss"))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_noncontiguous_input(device, backend, reduction):
     base = torch.rand(2, 3, 29, 21, dtype=torch.float64, device=device)

@@ -133,7 +133,8 @@ def _partials(u_ptr, g_ptr, i, j, H, W, w_scalar, margin, beta, eps, thr,
     gt1 = a * (2.0 * t1 * uxx + 2.0 * t2 * m)
     gt2 = a * (2.0 * t2 * uyy + 2.0 * t1 * m)
     inv_g = 1.0 / gs
-    grad_g = grad_g + tl.where(msk, (gt1 * uy - gt2 * ux) * inv_g * inv_g, 0.0)
+    # (gt1 uy - gt2 ux) / g^2 in the unit-vector form of qc2_math.h (no |u|^3 overflow)
+    grad_g = grad_g + tl.where(msk, (0.0 - (gt1 * t1 + gt2 * t2)) * inv_g, 0.0)
     dg = tl.where(pos, grad_g / tl.where(pos, g, 1.0), 0.0)
     ax = gt2 * inv_g + dg * ux
     ay = (0.0 - gt1) * inv_g + dg * uy
@@ -359,7 +360,8 @@ def _qc1_bwd_gather_kernel(u_ptr, w_ptr, off_ptr, dir_ptr, t_ptr, ax_ptr, ay_ptr
         else:
             wn = tl.where(inside, w_scalar, 0.0)
         w = 1.0 / (1.0 + tl.exp(uc - un))
-        s = w * (1.0 - w)
+        wl = 1.0 / (1.0 + tl.exp(tl.abs(uc - un)))   # sigma'(z) from the side without cancellation
+        s = wl * (1.0 - wl)
         a_c = _qc1_alignment(ux, uy, nx, ny, EXACT_MUL)
         a_n = _qc1_alignment(uxn, uyn, nx, ny, EXACT_MUL)
         neg = a_c < 0.0

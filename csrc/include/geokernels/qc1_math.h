@@ -95,8 +95,12 @@ struct Qc1GradAcc {
 template <class T, class S>
 GK_HD void qc1_grad_accumulate(Qc1GradAcc<T>& acc, T u_c, T u_n, T a_c, T a_n, T w_c, T w_n,
                                const Qc1Direction<S>& n) {
-  const T w = qc1_sigmoid(u_n - u_c);
-  const T s = w * (T(1) - w);
+  const T z = u_n - u_c;
+  const T w = qc1_sigmoid(z);
+  // sigma'(z) is even and serves both pixels' terms: take it from the side where 1 - sigma does
+  // not cancel (w * (1 - w) is 0 once w rounds to 1, at z > 17 in float32, 37 in float64)
+  const T wl = qc1_sigmoid(gk_min(z, T(0) - z));
+  const T s = wl * (T(1) - wl);
   const auto negative = gk_gt(T(0), a_c);
   const T h_c = gk_select(negative, T(0) - a_c, T(0));
   const T h_n = gk_max(a_n, T(0));

@@ -104,8 +104,10 @@ GK_HD Qc2Partials<T> qc2_partials(const Qc2Stencil<T>& st, const Qc2Params<S>& p
   const T grad_t1 = a * (T(2) * c.t1 * st.uxx + T(2) * c.t2 * st.m);
   const T grad_t2 = a * (T(2) * c.t2 * st.uyy + T(2) * c.t1 * st.m);
   const T inv_g = T(1) / c.g_safe;
-  // t1 = -uy/g_safe, t2 = ux/g_safe; g_safe = g where masked in, else the constant 1.
-  grad_g = grad_g + gk_select(c.mask, (grad_t1 * st.uy - grad_t2 * st.ux) * inv_g * inv_g, T(0));
+  // t1 = -uy/g_safe, t2 = ux/g_safe; g_safe = g where masked in, else the constant 1. So
+  // (grad_t1 uy - grad_t2 ux) / g^2 = -(grad_t1 t1 + grad_t2 t2) / g: the unit-vector form, as
+  // autograd evaluates it (the product with uy, ux grows like |u|^3 and overflowed past 1e12).
+  grad_g = grad_g + gk_select(c.mask, (T(0) - (grad_t1 * c.t1 + grad_t2 * c.t2)) * inv_g, T(0));
   const T dg = gk_select(c.positive, grad_g / gk_select(c.positive, c.g, T(1)), T(0));
   r.ax = grad_t2 * inv_g + dg * st.ux;
   r.ay = (T(0) - grad_t1) * inv_g + dg * st.uy;
