@@ -109,6 +109,22 @@ def test_iters_zero_and_one(device, backend):
             assert_close_rel(a, b, torch.float64, factor=10, what=f"iters={iters} grad {name}")
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params("cfss_iterate"))
+@pytest.mark.parametrize("dtype,sigma", [(torch.float32, 1e-20), (torch.float64, 1e-160)],
+                         ids=["f32", "f64"])
+def test_tiny_sigma_is_a_delta_kernel(device, backend, dtype, sigma):
+    # sigma > 0 is all the SPEC asks: 1 / (2 sigma^2) overflowed and the centre tap was
+    # exp(-(0 * inf)) = NaN, so the whole forward was NaN; the taps are (1, 0, ..., 0) here
+    g = torch.Generator().manual_seed(6)
+    o = (3 * torch.randn(1, 1, 6, 7, dtype=torch.float64, generator=g)).to(dtype).to(device)
+    T = _field((1, 1, 6, 7), device=device).to(dtype)
+    z = geokernels.cfss_iterate(o, T, iters=3, sigma=sigma, backend=backend)
+    z_ref = reference.cfss_iterate(o.cpu().double(), T.cpu().double(), 3, 1.0, 1.0, 1.0, sigma, 2,
+                                   False)
+    assert torch.isfinite(z).all()
+    assert_close_rel(z, z_ref, dtype, factor=10, what="z")
+
+
 @pytest.mark.parametrize("device,backend", [p for p in backend_device_params("cfss_iterate") if "triton" not in p.id])
 @pytest.mark.parametrize("iters", [50, 100])
 def test_float32_two_x_rule(device, backend, iters):

@@ -15,23 +15,24 @@ namespace geokernels {
 // w[0..2h] and dw[0..2h] (index a + h) for one sigma > 0.
 template <class S>
 GK_HD void cfss_gaussian_taps(S sigma, int h, S* w, S* dw) {
-  const S inv2s2 = S(1) / (S(2) * sigma * sigma);
-  const S inv_s3 = S(1) / (sigma * sigma * sigma);
+  // in r = a / sigma: 1 / (2 sigma^2) and 1 / sigma^3 overflow for a tiny sigma, and the centre
+  // tap's exp(-(0 * inf)) was NaN; a tap that underflows to 0 contributes 0 to every sum
   S sum = S(0), dsum = S(0);
   for (int a = -h; a <= h; ++a) {
-    const S a2 = static_cast<S>(a * a);
-    const S g = gk_exp(S(0) - a2 * inv2s2);
+    const S r = static_cast<S>(a) / sigma;
+    const S g = gk_exp(S(-0.5) * r * r);
     w[a + h] = g;
     sum += g;
-    dsum += g * a2 * inv_s3;
+    if (g > S(0)) dsum += g * r * r / sigma;   // g a^2 / sigma^3
   }
   const S den = sum * sum + S(1e-15);
   const S norm = gk_sqrt(den);
   const S c = sum * dsum / den;
   for (int a = -h; a <= h; ++a) {
     const S wa = w[a + h] / norm;
+    const S r = static_cast<S>(a) / sigma;
     w[a + h] = wa;
-    dw[a + h] = wa * (static_cast<S>(a * a) * inv_s3 - c);
+    dw[a + h] = wa > S(0) ? wa * (r * r / sigma - c) : S(0);   // wa (a^2 / sigma^3 - c)
   }
 }
 
