@@ -153,3 +153,20 @@ def test_contour_flow_float16_keeps_eps():
     assert_close_rel(out, ref, torch.float16)
     gx, gf = CF.contour_flow_loss_backward(torch.ones((), dtype=torch.float16), x16, f16, 1e-8, "mean")
     assert torch.isfinite(gx).all() and torch.isfinite(gf).all()
+
+
+def test_cgpm_float32_small_gradients_with_ftz_sqrt(ftz_sqrt):
+    # Adam's sqrt(v_hat) with v_hat subnormal (|g| < 1.1e-19, e.g. a small weight): the flushed
+    # sqrt made the step lr * m_hat / adam_eps, ~1e9 times the reference's ~lr
+    from geokernels.reference import dconvex as R
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 8, 9, generator=g) * 4
+    o = R.cgpm_normalise(x).requires_grad_()
+    u0 = torch.sigmoid(o).detach()
+    (g1,) = torch.autograd.grad(R.cgpm_loss(torch.sigmoid(o), u0, "c2", 1.0), o)
+    weight = 3e-20 / g1.abs()[g1 != 0].median().item()
+    kw = dict(steps=1, weight=weight, adam_eps=1e-30)
+    ref = geokernels.cgpm(x, backend="torch", **kw)   # float32: Adam's sign-like first step
+    out = geokernels.cgpm(x, backend="triton", **kw)
+    assert (out - ref).abs().max() < 1e-6

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from geokernels.triton import qc_loss as _qc
-from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, tile_coords,
-                                      tile_grid)
+from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, sqrt_ieee,
+                                      tile_coords, tile_grid)
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -42,7 +42,7 @@ def _adam_epilogue(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm, idx, valid, 
     v = tl.load(prm + 3) * tl.load(v_ptr + idx, mask=valid, other=0.0).to(CDT) + tl.load(prm + 4) * g * g
     m_hat = m / tl.load(prm + 5)
     v_hat = v / tl.load(prm + 6)
-    o = tl.load(o_ptr + idx, mask=valid, other=0.0).to(CDT) - tl.load(prm + 0) * m_hat / (tl.sqrt(v_hat) + tl.load(prm + 7))
+    o = tl.load(o_ptr + idx, mask=valid, other=0.0).to(CDT) - tl.load(prm + 0) * m_hat / (sqrt_ieee(v_hat) + tl.load(prm + 7))
     tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=valid)
     tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=valid)
     tl.store(o_ptr + idx, o.to(o_ptr.dtype.element_ty), mask=valid)
