@@ -356,6 +356,9 @@ def test_raw_op_rejects_bad_input():
         torch.ops.geokernels.cfss_forward(o, torch.rand(1, 1, 4, 4), p, 3, 2, False, 1, False)
     with pytest.raises(ValueError, match="iters"):
         torch.ops.geokernels.cfss_forward(o, T, p, -1, 2, False, 1, False)
+    for halfsize in (1025, 2**31, 2**32 + 1):   # was narrowed to int: 2**32 + 1 ran as 1
+        with pytest.raises(ValueError, match="halfsize"):
+            torch.ops.geokernels.cfss_forward(o, T, p, 3, halfsize, False, 1, False)
     with pytest.raises(ValueError, match="sigma"):
         torch.ops.geokernels.cfss_forward(o, T, torch.tensor([1.0, 1.0, 1.0, 0.0]), 3, 2, False, 1, False)
     with pytest.raises(ValueError, match="states"):

@@ -57,7 +57,8 @@ void check_cfss_inputs(const at::Tensor& o, const at::Tensor& T, const at::Tenso
   TORCH_CHECK_VALUE(params.numel() == 4 && params.device() == o.device(),
                     "params must hold [eps, tau, lam, sigma] on the device of o");
   TORCH_CHECK_VALUE(iters >= 0, "iters must be >= 0, got ", iters);
-  TORCH_CHECK_VALUE(halfsize >= 0, "halfsize must be >= 0, got ", halfsize);
+  TORCH_CHECK_VALUE(halfsize >= 0 && halfsize <= kCfssMaxHalfsize, "halfsize must be in [0, ",
+                    kCfssMaxHalfsize, "], got ", halfsize);
   TORCH_CHECK_VALUE(k >= 0, "checkpoint_every must be >= 0 (0 = bisection), got ", k);
 }
 

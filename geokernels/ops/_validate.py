@@ -78,3 +78,20 @@ def check_int(value, name: str, *, min_value: int | None = None) -> int:
 
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def refuse_double_backward(op: str) -> None:
+    """Call first in the autograd backward of a fused op whose backward kernel has no derivative
+    of its own (qc2/qc1 losses, contour_flow_loss, cfss_iterate).
+
+    The autograd engine runs a backward with grad mode on exactly when the caller asked for
+    ``create_graph=True`` (Hessian-vector products, gradient penalties). The closed-form backward
+    kernels are not differentiable: PyTorch would hand back first-order gradients detached from
+    the graph, so every second derivative would silently be zero. Refuse instead.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True: Hessian-vector products, gradient "
+            "penalties) is not supported by the fused backends (cpu/cuda/triton), whose "
+            "closed-form backward has no derivative; use backend='torch' (the reference, "
+            "which supports it) to differentiate the gradient")

@@ -32,7 +32,7 @@ from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import get_checks
 from geokernels.ops._autocast import float32_under_autocast
-from geokernels.ops._validate import check_image, check_int
+from geokernels.ops._validate import check_image, check_int, refuse_double_backward
 from geokernels.ops.contour_flow import check_flow_shape, check_values
 from geokernels.reference import contour_flow as _ref
 
@@ -41,6 +41,10 @@ register_op("cfss_iterate", ("cpu", "cuda", "triton"))
 CHECKPOINT_MODES = ("auto", "store", "recompute")
 CHECKPOINT_AUTO_BUDGET_BYTES = 256 * 2**20
 CUDA_MAX_HALFSIZE = 16  # the CUDA kernels stage a (tile + 2 * halfsize)^2 window in shared memory
+# every backend: the kernels index the (2 * halfsize + 1)-tap Gaussian with 32-bit ints, and a
+# window 2049 pixels wide already covers any image the kernels are meant for (taps that fall
+# outside the image see zeros, so a wider one changes nothing but the cost)
+MAX_HALFSIZE = 1024
 
 
 def set_cuda_steps_per_launch(steps: int | None) -> None:
@@ -124,7 +128,8 @@ def cfss_iterate(
         iters: number of iterations >= 0 (0 returns ``o / eps``).
         eps: sigmoid temperature (> 0); tau: dual step; lam: smoothing weight; sigma: Gaussian
             width (> 0). Each a real or a one-element tensor (differentiable).
-        halfsize: the Gaussian has (2 halfsize + 1)^2 taps (>= 0; <= 16 on the CUDA backend).
+        halfsize: the Gaussian has (2 halfsize + 1)^2 taps (0 <= halfsize <= 1024; <= 16 on
+            the CUDA backend).
         q_nonneg: project the dual variable on q >= 0 (``relu``; inequality / star-shape variant).
         checkpoint: "auto" | "store" | "recompute" | int k (see the module docstring).
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (the literal reference loop).
@@ -139,6 +144,8 @@ def cfss_iterate(
     check_values(T, "T")
     iters = check_int(iters, "iters", min_value=0)
     halfsize = check_int(halfsize, "halfsize", min_value=0)
+    if halfsize > MAX_HALFSIZE:
+        raise ValueError(f"halfsize must be <= {MAX_HALFSIZE}, got {halfsize}")
     if not isinstance(q_nonneg, bool):
         raise TypeError(f"q_nonneg must be a bool, got {type(q_nonneg).__name__}")
     eps = _check_scalar(eps, "eps", positive=True)
@@ -187,6 +194,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z, grad_states):
+    refuse_double_backward("cfss_iterate")
     o, T, params, states = ctx.saved_tensors
     if grad_z is None:
         grad_z = torch.zeros_like(o)

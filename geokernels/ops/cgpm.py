@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels.ops._autocast import float32_under_autocast
-from geokernels.ops._validate import check_choice, check_image, check_int, check_real
+from geokernels.ops._validate import (check_choice, check_image, check_int, check_real,
+                                      refuse_double_backward)
 from geokernels.ops.qc_loss import QC2_ACTIVATIONS, check_window
 from geokernels.reference import dconvex as _ref
 
@@ -143,8 +143,11 @@ class _FusedUnroll(torch.autograd.Function):
         return o.clone() if steps == 0 else o, hist
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, adj_o, _adj_hist):
+        # not @once_differentiable: its error fires only when a later backward reaches this
+        # node, and torch.autograd.grad(..., inputs=...) of a Hessian-vector product does not,
+        # so the second-order terms through the unroll were silently dropped
+        refuse_double_backward("cgpm")
         u0, *saved = ctx.saved_tensors
         adj_o = torch.zeros_like(u0) if adj_o is None else adj_o
         # an opaque op (not traced by torch.compile: its body differentiates the reference step

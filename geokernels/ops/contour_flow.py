@@ -11,7 +11,8 @@ from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels._checks import get_checks
 from geokernels.ops._autocast import float32_under_autocast
-from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_real
+from geokernels.ops._validate import (REDUCTIONS, check_choice, check_image, check_real,
+                                      refuse_double_backward)
 from geokernels.reference import contour_flow as _ref
 
 register_op("contour_flow_loss", ("cpu", "cuda", "triton"))
@@ -103,6 +104,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    refuse_double_backward("contour_flow_loss")
     logits, flow = ctx.saved_tensors
     grad_logits, grad_flow = torch.ops.geokernels.contour_flow_loss_backward(grad, logits, flow, *ctx.args)
     return grad_logits, grad_flow, None, None

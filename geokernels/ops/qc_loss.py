@@ -10,10 +10,12 @@ import torch
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
 from geokernels.ops._autocast import float32_under_autocast
-from geokernels.ops._validate import REDUCTIONS, check_choice, check_image, check_int, check_real
+from geokernels.ops._validate import (REDUCTIONS, check_choice, check_image, check_int, check_real,
+                                      refuse_double_backward)
 from geokernels.reference import dconvex as _ref
 
 QC2_ACTIVATIONS = ("softplus", "relu")
+
 
 register_op("qc2_loss", ("cpu", "cuda", "triton"))
 
@@ -80,6 +82,7 @@ def _qc2_setup_context(ctx, inputs, output):
 
 
 def _qc2_backward(ctx, grad):
+    refuse_double_backward("qc2_loss")
     (u,) = ctx.saved_tensors
     grad_u = torch.ops.geokernels.qc2_loss_backward(grad, u, *ctx.args)
     return (grad_u,) + (None,) * len(ctx.args)
@@ -168,14 +171,8 @@ def _qc1_setup_context(ctx, inputs, output):
     ctx.args = inputs[1:]
 
 
-def _refuse_double_backward():
-    if torch.is_grad_enabled():  # create_graph=True: the closed-form backward is not differentiable
-        raise RuntimeError("qc1_loss: double backward is not supported by the fused kernels; "
-                           "use backend='torch' to differentiate its gradient")
-
-
 def _qc1_backward(ctx, grad):
-    _refuse_double_backward()
+    refuse_double_backward("qc1_loss")
     (u,) = ctx.saved_tensors
     grad_u = torch.ops.geokernels.qc1_loss_backward(grad, u, *ctx.args)
     return (grad_u,) + (None,) * len(ctx.args)
@@ -191,7 +188,7 @@ def _qc1_value_and_grad_setup_context(ctx, inputs, output):
 
 
 def _qc1_value_and_grad_backward(ctx, grad_loss, _grad_of_grad):
-    _refuse_double_backward()
+    refuse_double_backward("qc1_loss")
     (grad_u,) = ctx.saved_tensors
     return grad_loss * grad_u, None, None
 

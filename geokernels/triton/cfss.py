@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from geokernels.ops._validate import refuse_double_backward
 from geokernels.ops.cfss import num_saved_states
 from geokernels.triton._tiles import compute_dtype, device_guard, tile_coords, tile_grid
 
@@ -349,6 +350,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z, grad_states):
+    refuse_double_backward("cfss_iterate")
     o, T, params, states = ctx.saved_tensors
     if grad_z is None:
         grad_z = torch.zeros_like(o)

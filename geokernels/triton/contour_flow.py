@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from geokernels.ops._validate import refuse_double_backward
 from geokernels.triton._tiles import (compute_dtype, device_guard, scalar_args, sqrt_ieee, tile_coords,
                                       tile_grid)
 
@@ -180,6 +181,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    refuse_double_backward("contour_flow_loss")
     logits, flow = ctx.saved_tensors
     gx, gf = contour_flow_loss_backward(grad, logits, flow, *ctx.args)
     return gx, gf, None, None

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from geokernels.ops._validate import refuse_double_backward
 from geokernels.triton._tiles import (compute_dtype, compute_torch_dtype, device_guard, scalar_args,
                                       sqrt_ieee, tile_coords, tile_grid)
 
@@ -249,6 +250,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    refuse_double_backward("qc2_loss")
     (u,) = ctx.saved_tensors
     return (qc2_loss_backward(grad, u, *ctx.args),) + (None,) * len(ctx.args)
 
@@ -485,9 +487,7 @@ def _qc1_setup_context(ctx, inputs, output):
 
 
 def _qc1_backward(ctx, grad):
-    if torch.is_grad_enabled():  # create_graph=True: the closed-form backward is not differentiable
-        raise RuntimeError("qc1_loss: double backward is not supported by the Triton kernels; "
-                           "use backend='torch' to differentiate its gradient")
+    refuse_double_backward("qc1_loss")
     (u,) = ctx.saved_tensors
     return (qc1_loss_backward(grad, u, *ctx.args),) + (None,) * len(ctx.args)
 

@@ -12,6 +12,10 @@
 
 namespace geokernels {
 
+// Largest Gaussian halfsize on every backend (geokernels/ops/cfss.py MAX_HALFSIZE): the taps are
+// indexed with int, and a 2049-pixel window already spans any image these kernels are meant for.
+constexpr int64_t kCfssMaxHalfsize = 1024;
+
 // w[0..2h] and dw[0..2h] (index a + h) for one sigma > 0.
 template <class S>
 GK_HD void cfss_gaussian_taps(S sigma, int h, S* w, S* dw) {
