@@ -250,3 +250,9 @@ def test_raw_op_rejects_bad_input():
         torch.ops.geokernels.contour_flow_loss_forward(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), 1e-8, "mean")
     with pytest.raises(ValueError, match="reduction"):
         torch.ops.geokernels.contour_flow_loss_forward(torch.rand(1, 1, 4, 4), torch.rand(1, 2, 4, 4), 1e-8, "avg")
+    for eps in (0.0, -1.0, float("nan")):   # eps = 0 with a zero flow was NaN
+        with pytest.raises(ValueError, match="eps"):
+            torch.ops.geokernels.contour_flow_loss_forward(torch.rand(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), eps, "mean")
+        with pytest.raises(ValueError, match="eps"):
+            torch.ops.geokernels.contour_flow_loss_backward(torch.ones(()), torch.rand(1, 1, 4, 4),
+                                                            torch.zeros(1, 2, 4, 4), eps, "mean")

@@ -202,3 +202,11 @@ def test_raw_op_rejects_bad_input():
         torch.ops.geokernels.qc2_loss_forward(torch.rand(1, 1, 4, 4), 1e-3, 1.0, 1e-8, 1e-5, "softplus", "avg")
     with pytest.raises(TypeError, match="float32 or float64"):
         torch.ops.geokernels.qc2_loss_forward(torch.rand(1, 1, 4, 4).half(), 1e-3, 1.0, 1e-8, 1e-5, "softplus", "mean")
+    # the scalar parameters too (beta = 0 was an inf loss, a NaN margin a NaN one)
+    u, g = torch.rand(1, 1, 4, 4), torch.ones(())
+    for margin, beta, eps, thr, name in [(1e-3, 0.0, 1e-8, 1e-5, "beta"), (float("nan"), 1.0, 1e-8, 1e-5, "margin"),
+                                         (1e-3, 1.0, -1.0, 1e-5, "eps"), (1e-3, 1.0, 1e-8, float("inf"), "grad_threshold")]:
+        with pytest.raises(ValueError, match=name):
+            torch.ops.geokernels.qc2_loss_forward(u, margin, beta, eps, thr, "softplus", "mean")
+        with pytest.raises(ValueError, match=name):
+            torch.ops.geokernels.qc2_loss_backward(g, u, margin, beta, eps, thr, "softplus", "mean")

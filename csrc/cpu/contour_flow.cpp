@@ -41,6 +41,7 @@ at::Tensor contour_flow_loss_forward_cpu(const at::Tensor& logits_in, const at::
                                          double eps, c10::string_view reduction) {
   check_cfl_inputs(logits_in, flow_in);
   const Reduction red = parse_reduction(reduction);
+  check_cfl_eps(eps);
   const at::Tensor x = logits_in.contiguous();
   const at::Tensor f = flow_in.to(x.scalar_type()).contiguous();
   const int64_t H = x.size(2), W = x.size(3), planes = x.size(0) * x.size(1);
@@ -75,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor> contour_flow_loss_backward_cpu(
     c10::string_view reduction) {
   check_cfl_inputs(logits_in, flow_in);
   const Reduction red = parse_reduction(reduction);
+  check_cfl_eps(eps);
   check_loss_grad(grad, logits_in, red);
   const at::Tensor x = logits_in.contiguous();
   const at::Tensor f = flow_in.to(x.scalar_type()).contiguous();

@@ -52,6 +52,7 @@ at::Tensor qc2_loss_forward_cpu(const at::Tensor& u_in, double margin, double be
   check_cpu_input(u_in);
   const Reduction red = parse_reduction(reduction);
   const bool relu = parse_qc_activation(activation);
+  check_qc2_params(margin, beta, eps, grad_threshold);
   const at::Tensor u = u_in.contiguous();
   const int64_t H = u.size(2), W = u.size(3), planes = u.size(0) * u.size(1);
   const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -84,6 +85,7 @@ at::Tensor qc2_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& u_in,
   check_cpu_input(u_in);
   const Reduction red = parse_reduction(reduction);
   const bool relu = parse_qc_activation(activation);
+  check_qc2_params(margin, beta, eps, grad_threshold);
   check_loss_grad(grad, u_in, red);
   const at::Tensor u = u_in.contiguous();
   const at::Tensor g = grad.to(u.scalar_type()).contiguous();

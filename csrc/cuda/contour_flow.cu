@@ -127,6 +127,7 @@ at::Tensor contour_flow_loss_forward_cuda(const at::Tensor& logits, const at::Te
                                           double eps, c10::string_view reduction) {
   check_inputs(logits, flow);
   const Reduction red = parse_reduction(reduction);
+  check_cfl_eps(eps);
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const at::Tensor f = flow.to(x.scalar_type()).contiguous();
@@ -160,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor> contour_flow_loss_backward_cuda(
     c10::string_view reduction) {
   check_inputs(logits, flow);
   const Reduction red = parse_reduction(reduction);
+  check_cfl_eps(eps);
   check_loss_grad(grad, logits, red);
   c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();

@@ -96,6 +96,7 @@ at::Tensor qc2_loss_forward_cuda(const at::Tensor& u_in, double margin, double b
   check_cuda_input(u_in);
   const Reduction red = parse_reduction(reduction);
   const bool relu = parse_qc_activation(activation);
+  check_qc2_params(margin, beta, eps, grad_threshold);
   c10::cuda::CUDAGuard guard(u_in.device());
   const at::Tensor u = u_in.contiguous();
   const int64_t H = u.size(2), W = u.size(3), planes = u.size(0) * u.size(1);
@@ -130,6 +131,7 @@ at::Tensor qc2_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& u_in
   check_cuda_input(u_in);
   const Reduction red = parse_reduction(reduction);
   const bool relu = parse_qc_activation(activation);
+  check_qc2_params(margin, beta, eps, grad_threshold);
   check_loss_grad(grad, u_in, red);
   c10::cuda::CUDAGuard guard(u_in.device());
   const at::Tensor u = u_in.contiguous();

@@ -8,6 +8,11 @@
 
 namespace geokernels {
 
+// contour_flow_loss's eps clamps both norms (SPEC 2.3): eps = 0 with a zero flow was NaN.
+inline void check_cfl_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+}
+
 // flow (or T) must be (B, 2C, H, W) for logits (B, C, H, W), on the same device.
 inline void check_flow_pairs(const at::Tensor& x, const at::Tensor& flow,
                              const char* xname = "logits", const char* fname = "flow") {

@@ -53,8 +53,7 @@ inline CgpmConfig make_cgpm_config(int64_t first_step, int64_t steps, double lr,
   TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "beta2 must be in [0, 1), got ", beta2);
   TORCH_CHECK_VALUE(adam_eps > 0, "adam_eps must be > 0, got ", adam_eps);
-  TORCH_CHECK_VALUE(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  check_qc2_params(margin, beta, eps, grad_threshold);
   const bool relu = parse_qc_activation(activation);
   if (order == 1) check_qc1_window(window);
   return {first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin, beta, eps,

@@ -3,6 +3,8 @@
 // torch.ops.geokernels.* calls from ever reaching a kernel with a bad tensor.
 #pragma once
 
+#include <cmath>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
@@ -25,6 +27,16 @@ inline bool parse_qc_activation(c10::string_view a) {
   if (a == "relu") return true;
   TORCH_CHECK_VALUE(false, "activation must be 'softplus' or 'relu', got '", std::string(a), "'");
   return false;
+}
+
+// qc2's scalar parameters (SPEC 1.2), bounded as the Python layer bounds them: beta = 0 gave an
+// inf loss, a NaN margin a NaN one (qc2 loss and CGPM, CPU and CUDA).
+inline void check_qc2_params(double margin, double beta, double eps, double grad_threshold) {
+  TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta > 0, "beta must be finite and > 0, got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(grad_threshold) && grad_threshold >= 0,
+                    "grad_threshold must be finite and >= 0, got ", grad_threshold);
 }
 
 inline void check_image4d(const at::Tensor& t, const char* name) {
