@@ -152,6 +152,118 @@ def test_noncontiguous_and_planes_independent(device, backend):
             assert torch.equal(out[b:b + 1, c:c + 1], single)
 
 
+# ---- mask dtypes the kernels have no case for (uint16/32/64, float8): converted exactly -------
+FIELD_PARAMS = [p for p in backend_device_params("contour_flow_field") if "triton" not in p.id]
+REF_PARAM = [pytest.param("cpu", "torch", id="cpu-torch")]
+# nonzero values per dtype that a lossy conversion would turn into 0 (256 -> uint8, 2**16 ->
+# (u)int16, 2**32 -> (u)int32, 2**-9 -> any int) or into a negative number (2**63 -> int64);
+# float8 values are exact in float32
+WIDE_VALUES = {
+    torch.uint16: [1, 256, 2**15, 65535],
+    torch.uint32: [1, 256, 2**16, 2**31, 2**32 - 1],
+    torch.uint64: [1, 2**16, 2**32, 2**63, 2**64 - 1],
+    torch.float8_e4m3fn: [1.0, 2.0**-9, -0.25, 448.0],
+    torch.float8_e5m2: [1.0, 2.0**-16, -0.25, 57344.0],
+}
+WIDE_DTYPES = list(WIDE_VALUES)
+WIDE_IDS = [str(d).removeprefix("torch.") for d in WIDE_DTYPES]
+
+
+def wide_mask(dtype, shape=(2, 2, 13, 17), seed=0, binary=False):
+    """(mask of ``dtype``, the same foreground as bool): ~60 % foreground; big values unless
+    ``binary``."""
+    g = torch.Generator().manual_seed(seed)
+    fg = torch.rand(shape, generator=g) < 0.6
+    fg[0, 0] = True  # an all-foreground plane
+    fg[1, 1] = False  # an all-background plane
+    values = [1] if binary else WIDE_VALUES[dtype]
+    table = torch.tensor([0] + values, dtype=torch.float32 if dtype.is_floating_point else dtype)
+    pick = torch.randint(1, len(values) + 1, shape, generator=g) * fg
+    mask = table[pick].to(dtype)
+    if dtype.is_floating_point:
+        assert torch.equal(mask.float(), table[pick])  # the values above are float8-exact
+    assert torch.equal(mask != 0, fg)
+    return mask, fg
+
+
+@pytest.mark.parametrize("mask_dtype", WIDE_DTYPES, ids=WIDE_IDS)
+@pytest.mark.parametrize("device,backend", OPS_PARAMS + REF_PARAM)
+def test_distance_transform_wide_mask_dtypes_equal_bool(device, backend, mask_dtype):
+    mask, fg = wide_mask(mask_dtype, seed=1)
+    mask, fg = mask.to(device), fg.to(device)
+    for invert in (False, True):
+        for nb in ("inf", "scipy"):
+            kw = dict(invert=invert, no_background=nb, dtype=torch.float64, backend=backend)
+            out = geokernels.distance_transform(mask, **kw)
+            assert torch.equal(out, geokernels.distance_transform(fg, **kw)), (invert, nb)
+    # a non-contiguous mask of the same dtype
+    out = geokernels.distance_transform(mask.transpose(-1, -2), backend=backend)
+    assert torch.equal(out, geokernels.distance_transform(fg.transpose(-1, -2), backend=backend))
+
+
+@pytest.mark.parametrize("mask_dtype", WIDE_DTYPES, ids=WIDE_IDS)
+@pytest.mark.parametrize("device,backend", FIELD_PARAMS + REF_PARAM)
+def test_contour_flow_field_wide_mask_dtypes_equal_bool(device, backend, mask_dtype):
+    f = geokernels.contour_flow_field
+    mask, fg = wide_mask(mask_dtype, seed=2, binary=True)
+    mask, fg = mask.to(device), fg.to(device)
+    for stencil in ("forward", "central"):
+        for dtype in (torch.float32, torch.float64):
+            kw = dict(stencil=stencil, dtype=dtype, backend=backend)
+            assert torch.equal(f(mask, **kw), f(fg, **kw)), (stencil, dtype)
+    kw = dict(smooth_sigma=1.5, dtype=torch.float64, backend=backend)  # composed from the EDT
+    assert torch.equal(f(mask, **kw), f(fg, **kw))
+    # soft masks with threshold: big values, negative float8 values
+    big, _ = wide_mask(mask_dtype, seed=3)
+    big = big.to(device)
+    above = (big.float() if mask_dtype.is_floating_point else big) > 0.5
+    assert torch.equal(f(big, threshold=0.5, backend=backend), f(above, backend=backend))
+    # without threshold a non-binary mask is still rejected (value checks run on CPU tensors)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="mask must be binary"):
+            f(big, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["distance_transform", "contour_flow_field"])
+def test_float8_mask_nan_and_inf_rejected_like_float32(op):
+    fn = getattr(geokernels, op)
+    for dtype, bad in ((torch.float8_e4m3fn, float("nan")), (torch.float8_e5m2, float("inf")),
+                       (torch.float8_e5m2, float("nan"))):
+        m = torch.zeros(1, 1, 4, 5)
+        m[0, 0, 1, 2] = bad
+        m = m.to(dtype)
+        assert not bool(torch.isfinite(m.float()).all())
+        for backend in ("cpu", "torch"):
+            with pytest.raises(ValueError, match="mask contains NaN or Inf"):
+                fn(m, backend=backend)
+
+
+UNREADABLE_DTYPES = [d for d in (getattr(torch, n, None) for n in (
+    "float4_e2m1fn_x2", "bits8", "bits16", "uint4", "int4", "uint1")) if d is not None]
+
+
+@pytest.mark.parametrize("op", ["distance_transform", "contour_flow_field"])
+@pytest.mark.parametrize("mask_dtype", UNREADABLE_DTYPES,
+                         ids=[str(d).removeprefix("torch.") for d in UNREADABLE_DTYPES])
+def test_unreadable_mask_dtypes_raise_type_error(op, mask_dtype):
+    mask = torch.empty(1, 1, 3, 4, dtype=mask_dtype)
+    for backend in ("cpu", "torch"):
+        with pytest.raises(TypeError, match="mask must be a bool, integer or floating-point"):
+            getattr(geokernels, op)(mask, backend=backend)
+
+
+def test_kernel_mask_dtypes_passed_without_copy():
+    from geokernels.ops import distance as dist
+
+    for dt in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        m = torch.ones(1, 1, 2, 3, dtype=dt)
+        assert dist._kernel_mask(dist._check_mask(m)).data_ptr() == m.data_ptr(), dt
+    for dt in (torch.uint16, torch.uint32, torch.uint64):
+        m = torch.ones(1, 1, 2, 3, dtype=dt)
+        assert dist._kernel_mask(dist._check_mask(m)).dtype == torch.bool
+
+
 def test_requires_grad_mask_is_detached():
     mask = random_mask((1, 1, 9, 9), seed=2, dtype=torch.float64).requires_grad_()
     out = geokernels.distance_transform(mask, backend="cpu")

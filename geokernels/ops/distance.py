@@ -24,18 +24,48 @@ register_op("distance_transform", ("cpu", "cuda"))
 register_op("contour_flow_field", ("cpu", "cuda"))
 
 
+# mask dtypes the C++/CUDA kernels dispatch on (AT_DISPATCH_ALL_TYPES_AND3(Bool, Half, BFloat16) in
+# csrc/{cpu,cuda}/distance.*): passed to them as they are, without a copy
+_KERNEL_MASK_DTYPES = frozenset({
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# the wider unsigned ints have no kernel case; the kernels only test `!= 0`, so mask.ne(0) (bool:
+# the kernels' cheapest input) is exact. Converted just before a kernel call, after the checks.
+_WIDE_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
+# float8 masks: most CPU ops (isfinite, >) are missing for them, and every float8 value (NaN and
+# Inf included) is exact in float32, so they become float32 before the checks: NaN/Inf raise
+# exactly as for float32 masks, and the kernels get a dtype they dispatch on
+_FLOAT8 = frozenset(getattr(torch, n) for n in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n))
+
+
 def _check_mask(mask, name: str = "mask") -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.is_complex():
         raise TypeError(f"{name} must be a real or bool tensor, got dtype {mask.dtype}")
+    dt = mask.dtype
+    if dt not in _KERNEL_MASK_DTYPES and dt not in _WIDE_UNSIGNED and dt not in _FLOAT8:
+        # quantized, packed (float4_e2m1fn_x2, bits*) and sub-byte (int1-7, uint1-7) dtypes: no
+        # elementwise ops to read them with
+        raise TypeError(
+            f"{name} must be a bool, integer or floating-point tensor, got dtype {dt}")
     if mask.dim() != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(mask.shape)}")
     if mask.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(mask.shape)}")
+    mask = mask.detach()
+    if dt in _FLOAT8:
+        mask = mask.float()
     if mask.is_floating_point():
         check_finite(mask, name)
-    return mask.detach()
+    return mask
+
+
+def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` in a dtype the C++/CUDA kernels dispatch on, with the same zero pixels."""
+    return mask if mask.dtype in _KERNEL_MASK_DTYPES else mask.ne(0)
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -68,6 +98,9 @@ def distance_transform(
 
     Args:
         mask: (B, C, H, W), bool or any real dtype; nonzero = foreground. Each plane is one image.
+            NaN/Inf raise ValueError (whenever value checks run). The kernels read the common
+            dtypes in place; uint16/uint32/uint64 and float8 masks are first converted exactly
+            (to bool, resp. float32).
         invert: measure the distance to the nearest NONZERO pixel instead (= EDT(1 - mask) for a
             binary mask, without building 1 - mask).
         dtype: torch.float32 (default) or torch.float64.
@@ -87,7 +120,8 @@ def distance_transform(
     be = resolve("distance_transform", backend, mask)
     if be == "torch":
         return _ref.distance_transform(mask, invert=invert, dtype=dtype, no_background=no_background)
-    return torch.ops.geokernels.distance_transform(mask, invert, dtype == torch.float64, no_background)
+    return torch.ops.geokernels.distance_transform(
+        _kernel_mask(mask), invert, dtype == torch.float64, no_background)
 
 
 @float32_under_autocast
@@ -116,7 +150,8 @@ def contour_flow_field(
         mask: (B, C, H, W) binary mask: bool, or 0/1 values of any real dtype. Non-binary values
             raise ValueError (checked whenever value checks run: on CPU tensors by default, on
             CUDA with ``geokernels.set_checks("always")``; unchecked, nonzero = foreground).
-            Pass ``threshold`` to binarise soft masks instead.
+            Pass ``threshold`` to binarise soft masks instead. Dtypes as for
+            ``distance_transform`` (uint16/uint32/uint64 and float8 are converted exactly).
         stencil: "forward" (SPEC default) or "central" ((f[i+1] - f[i-1]) / 2; ablation).
         smooth_sigma: 0 (SPEC default) or > 0: the gradient of the Gaussian-smoothed signed
             distance ``gaussian(d_in - d_out, smooth_sigma)`` (scipy gaussian_filter semantics,
@@ -146,6 +181,7 @@ def contour_flow_field(
     be = resolve("contour_flow_field", backend, mask)
     if be == "torch":
         return _ref.contour_flow_field(mask, stencil, smooth_sigma, dtype)
+    mask = _kernel_mask(mask)
     if smooth_sigma > 0:
         def edt(m, invert, dt):
             return torch.ops.geokernels.distance_transform(m, invert, dt == torch.float64, "inf")
