@@ -24,22 +24,104 @@ from tests._op_specs import SPECS, SPECS_BY_NAME, velocity_model
 TESTS = Path(__file__).parent
 
 
+# ---- inputs large enough that every CPU kernel really splits across threads ----------------------
+# Each CPU kernel loop is an at::parallel_for(0, n, grain, f) over blocks: it runs as
+# min(threads, ceil(n / grain)) tasks, and as ONE task on the calling thread when n <= grain
+# (ATen's parallel_for, OpenMP backend). The kernels choose grain so that a task holds at least
+# kMinPixelsPerTask pixels (distance: 2**16, qc2: 2**15, qc1/cgpm: 8192; midpoint: 2**24 pair
+# evaluations). At the former 37x45 the kernels of distance_transform, contour_flow_field,
+# qc2_loss and the midpoint_convexify sweeps therefore ran as one task at any thread count (e.g.
+# the EDT row pass: 6 planes x 3 row blocks = 18 blocks <= grain 2**16 // (16 * 45) = 91), so
+# the thread-count comparison tested nothing for them. _cpu_loops() below models every
+# loop with the constants of csrc/cpu (checked against the sources by
+# test_split_model_constants_match_csrc), and test_determinism_inputs_split_every_cpu_loop
+# asserts >= 2 tasks at 2 threads for the sizes used here.
+SPLIT_HW = (131, 157)  # odd sizes: SIMD tails and partial blocks too
+# op -> ((H, W), extra call parameters)
+SPLIT_OVERRIDES = {
+    # a sweep task holds 2**24 / ((K + 1) * 8 * 64) tiles of 8x64 pixels: at the table's radius 2
+    # (K = 6 pairs) 4681 tiles, i.e. 2.4 M pixels; at radius 15 (K = 354) 92 tiles, so 6 planes
+    # of 91x125 (12 x 2 tiles each, 144 in all) split in 2. Three sweeps keep the
+    # source-tracking forward cheap.
+    "midpoint_convexify": ((91, 125), dict(radius=15.0, max_iters=3)),
+}
+
+
+def _split_case(spec):
+    """((H, W), params) of the determinism inputs of ``spec``."""
+    return SPLIT_OVERRIDES.get(spec.name, (SPLIT_HW, {}))
+
+
 def _bigger(spec):
-    """Inputs large enough to span several parallel blocks (and SIMD tails)."""
-    shapes = []
-    for arg in spec.tensors:
-        s = list(arg.shape)
-        s[-2], s[-1] = 37, 45
-        shapes.append(tuple(s))
+    """Inputs large enough to span several parallel tasks (and SIMD tails), and their params."""
+    (H, W), params = _split_case(spec)
+    shapes = [tuple(arg.shape[:-2]) + (H, W) for arg in spec.tensors]
     torch.manual_seed(3)
-    return [a.make(s, a.dtype) for a, s in zip(spec.tensors, shapes)]
+    return [a.make(s, a.dtype) for a, s in zip(spec.tensors, shapes)], params
 
 
-def _run(spec, tensors):
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _midpoint_pairs(radius: float) -> int:
+    """K = |D(r)| / 2 (SPEC 1.6; csrc/cpu/midpoint_common.h)."""
+    R = int(radius)
+    return sum(1 for dy in range(-R, R + 1) for dx in range(-R, R + 1)
+               if (dy, dx) != (0, 0) and dy * dy + dx * dx <= radius * radius) // 2
+
+
+def _cpu_loops(spec, shapes, params):
+    """(loop, n blocks, grain) of every at::parallel_for the op's CPU kernels run (csrc/cpu)."""
+    B, C, H, W = shapes[0]
+    P = B * C  # planes
+
+    def row_blocks(rows, min_pixels):  # row blocks of every plane; grain from a pixel minimum
+        return P * _ceil(H, rows), max(1, min_pixels // (rows * W))
+
+    name = spec.name
+    if name in ("distance_transform", "contour_flow_field"):  # distance.cpp
+        return [("column pass", P * _ceil(W, 256), max(1, 2**16 // (256 * H))),
+                ("row pass / field pass", *row_blocks(16, 2**16))]
+    if name == "qc2_loss":  # qc_loss.cpp
+        return [("forward / backward", *row_blocks(16, 2**15))]
+    if name in ("qc1_loss", "cgpm"):  # qc1_loss.cpp, cgpm.cpp
+        return [("row blocks", *row_blocks(16, 8192))]
+    if name in ("contour_flow_loss", "cfss_iterate"):  # contour_flow.cpp, cfss.cpp: grain 1
+        return [("row blocks", *row_blocks(32, 1)), ("planes", P, 1)]
+    if name == "midpoint_convexify":  # midpoint.cpp
+        K = _midpoint_pairs(params["radius"])
+        return [("jacobi sweep tiles", P * _ceil(H, 8) * _ceil(W, 64),
+                 max(1, 2**24 // ((K + 1) * 8 * 64))),
+                ("backward planes", P, 1)]
+    if name in ("flow_mismatch", "flow_mismatch_noise"):  # flow_mismatch_kernel.h: grain 1
+        paths = B * 3  # K = 3 in the table
+        return [("noise / paths", paths * _ceil(C * H * W, 4096), 1),
+                ("delta / accumulate", B * _ceil(H * W, 256), 1)]
+    return None
+
+
+# the constants _cpu_loops uses, as the sources spell them
+CSRC_CONSTANTS = {
+    "distance.cpp": ["kColsPerBlock = 256", "kRowsPerBlock = 16", "kMinPixelsPerTask = 1 << 16",
+                     "grain_for(kColsPerBlock * H)", "grain_for(kRowsPerBlock * W)"],
+    "qc_loss.cpp": ["kRowsPerBlock = 16", "kMinPixelsPerTask = 1 << 15"],
+    "qc1_loss.cpp": ["kRowsPerBlock = 16", "kMinPixelsPerTask = 8192"],
+    "cgpm.cpp": ["kRowsPerBlock = 16", "kMinPixelsPerTask = 8192"],
+    "contour_flow.cpp": ["kRowsPerBlock = 32", "at::parallel_for(0, planes * row_blocks, 1,"],
+    "cfss.cpp": ["kRowsPerBlock = 32", "at::parallel_for(p0 * row_blocks, p1 * row_blocks, 1,",
+                 "at::parallel_for(0, planes, 1,"],
+    "midpoint.cpp": ["kTileRows = 8", "kTileCols = 64",
+                     "(int64_t{1} << 24) / ((pairs.K + 1) * kTileRows * kTileCols)"],
+    "flow_mismatch_kernel.h": ["kFmElemBlock = 4096", "kFmPixBlock = 256"],
+}
+
+
+def _run(spec, tensors, params=None):
     """Output (and gradient w.r.t. the first tensor for differentiable ops), detached."""
     leaves = [t.detach().clone().requires_grad_(spec.differentiable and i == 0)
               for i, t in enumerate(tensors)]
-    out = spec.output(spec.call(*leaves))
+    out = spec.output(spec.call(*leaves, **(params or {})))
     if spec.differentiable:
         cot = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
         (g,) = torch.autograd.grad(out, leaves[0], cot)
@@ -51,24 +133,47 @@ def _same(a, b):
     return torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
 
 
-# flow_mismatch over 37x45 with the Python reference model is cheap; the [noise] variant adds
-# nothing here (same kernels)
+# the [noise] variant adds nothing here (same kernels)
 DET_SPECS = [s for s in SPECS if s.name != "flow_mismatch[noise]"]
 
 
-@pytest.mark.parametrize("spec", DET_SPECS, ids=[s.name for s in DET_SPECS])
+@pytest.mark.parametrize("spec", DET_SPECS, ids=lambda s: s.name)
 def test_deterministic_run_to_run_and_across_thread_counts(spec):
-    tensors = _bigger(spec)
+    tensors, params = _bigger(spec)
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (threads, threads, 1, 3):
+        for n in (threads, threads, 1, 2, 3):
             torch.set_num_threads(n)
-            results.append(_run(spec, tensors))
+            results.append(_run(spec, tensors, params))
     finally:
         torch.set_num_threads(threads)
     for r in results[1:]:
         assert _same(results[0], r), spec.name
+
+
+@pytest.mark.parametrize("spec", DET_SPECS, ids=[s.name for s in DET_SPECS])
+def test_determinism_inputs_split_every_cpu_loop(spec):
+    """At 2 threads every CPU kernel loop of the op runs as >= 2 tasks on the inputs above."""
+    if spec.backend_op is None:
+        pytest.skip(f"{spec.name} is pure PyTorch (ATen's own parallelism)")
+    tensors, params = _bigger(spec)
+    loops = _cpu_loops(spec, [tuple(t.shape) for t in tensors], params)
+    assert loops, f"{spec.name}: add its CPU kernel loops to _cpu_loops"
+    for what, n, grain in loops:
+        tasks = 1 if n <= grain else min(2, _ceil(n, grain))
+        assert tasks >= 2, f"{spec.name} {what}: {n} blocks with grain {grain} run as one task"
+
+
+def test_split_model_constants_match_csrc():
+    csrc = TESTS.parent / "csrc" / "cpu"
+    if not csrc.is_dir():
+        pytest.skip("no csrc/ next to the tests (installed package)")
+    stale = []
+    for file, needles in CSRC_CONSTANTS.items():
+        text = " ".join((csrc / file).read_text().split())
+        stale += [f"{file}: {n}" for n in needles if n not in text]
+    assert not stale, f"CPU parallel grains changed; update _cpu_loops and the sizes: {stale}"
 
 
 @pytest.mark.parametrize("agg", ["min", "mean", "median", "quantile:0.75"])

@@ -212,9 +212,12 @@ def fidelity_loss(u: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
     """One-sided fidelity ``mean(relu(u0 - u)**2)`` (SPEC.md 1.4): only u < u0 is penalised,
     since convexification only raises u.
 
-    A pointwise loss that PyTorch already fuses well, so it is computed with the very same
-    torch expression as the reference (identical values and gradients, to u and to u0) after
-    validation; CGPM's fused kernels evaluate its closed-form gradient themselves.
+    A pointwise loss that PyTorch already fuses well, so it is the reference's torch expression
+    after validation, except that the mean is summed in fixed blocks: ATen's CPU ``mean`` splits
+    its reduction by thread count above 32768 elements, so its last bit depended on
+    ``torch.get_num_threads()``; here it does not (values equal the reference's up to summation
+    order, gradients to u and u0 identical). CGPM's fused kernels evaluate its closed-form
+    gradient themselves.
 
     Args:
         u: (B, C, H, W) current mask values.
@@ -231,4 +234,17 @@ def fidelity_loss(u: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"u0 must have the dtype of u ({u.dtype}), got {u0.dtype}")
     if u0.device != u.device:
         raise ValueError(f"u0 must be on the device of u ({u.device}), got {u0.device}")
-    return _ref.fidelity_loss(u, u0)
+    return _fixed_order_sum(torch.relu(u0 - u).pow(2).reshape(-1)) / u.numel()
+
+
+_SUM_BLOCK = 4096   # below ATen's 32768-element grain: each block is summed serially
+
+
+def _fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor whose rounding does not depend on the thread count: zero-padded
+    rows of _SUM_BLOCK elements, each row summed on its own (a row reduction splits over rows,
+    never inside one), then the row sums the same way. Differentiable."""
+    while x.numel() > _SUM_BLOCK:
+        pad = -x.numel() % _SUM_BLOCK
+        x = torch.nn.functional.pad(x, (0, pad)).view(-1, _SUM_BLOCK).sum(dim=1)
+    return x.sum()
