@@ -84,6 +84,24 @@ def test_matches_reference_explicit_noise(device, backend, dtype, agg):
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("agg", ["min", "median", "quantile:0.3", "quantile:1", "mean"])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_many_paths(backend, agg, chunk):
+    # K = 40: past the pairwise count's tile (Triton counts against re-read columns, with the
+    # fused path going through a mismatch buffer), min/max without counting; chunk < K takes
+    # the aggregate path; exact ties from repeated noise draws
+    B, C, H, W, K, T = 2, 2, 3, 5, 40, 2
+    x, noise = _inputs(B, C, H, W, K, torch.float64)
+    noise[:, 20:30] = noise[:, 0:10]
+    model = MixingModel(C)
+    ref = reference.flow_mismatch(model, x, K=K, T=T, agg=agg, noise=noise)
+    for dtype in (torch.float64, torch.float32):
+        out = geokernels.flow_mismatch(model, x.to(dtype), K=K, T=T, agg=agg, noise=noise.to(dtype),
+                                       chunk=chunk, backend=backend)
+        assert_close_rel(out, ref, dtype, factor=3, what=f"{agg} {dtype}")
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
 def test_regenerated_noise_matches_reference(backend):
     """noise=None: the kernels' stream equals flow_mismatch_noise, and the reference's float64
     evaluation of the documented stream to float32 rounding."""

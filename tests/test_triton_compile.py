@@ -85,9 +85,11 @@ def _drive_every_op():
                                     q_nonneg=q_nonneg, backend="triton").sum().backward()
         x = rand(2, 3, 8, 8)
         # all paths per call, fewer than K (delta + aggregate), noise cached or regenerated
-        for agg, chunk, noise_cache in (("min", None, None), ("mean", 2, False),
-                                        ("median", 2, True), ("min", 6, True)):
-            geokernels.flow_mismatch(lambda xt, t, cond=None: 0.5 * xt, x, K=3, T=2, agg=agg,
+        for K, agg, chunk, noise_cache in ((3, "min", None, None), (3, "mean", 2, False),
+                                           (3, "median", 2, True), (3, "min", 6, True),
+                                           (3, "quantile:1", None, None), (3, "median", None, None),
+                                           (40, "median", None, None)):
+            geokernels.flow_mismatch(lambda xt, t, cond=None: 0.5 * xt, x, K=K, T=2, agg=agg,
                                      chunk=chunk, noise_cache=noise_cache, backend="triton")
 
 

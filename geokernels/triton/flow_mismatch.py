@@ -7,8 +7,12 @@ TRITON_INTERPRET=1 numpy evaluates tl.fma as a*b + c, so CPU-interpreted normals
 compiled ones to float32 rounding only.)
 
 Path building: one program per (path, element block). Fused reduction: one program per (image,
-pixel block) holding a (pixels, K) tile of mismatches; the order statistic is selected by
-counting (rank of d_k = #{j: d_j < d_k} + #{j < k: d_j == d_k}), NaN propagates. Each program
+pixel block). Up to K = 32 it holds a (pixels, K) tile of mismatches: min/max/mean reduce it,
+another order statistic is selected by counting (rank of d_k = #{j: d_j < d_k} +
+#{j < k: d_j == d_k}) over a (pixels, K, K) tile. Beyond, min/max/mean stream over the paths
+one at a time and an order statistic counts against the columns of a (B, K, H, W) mismatch
+buffer re-read one by one (no register spills for any K on sm_90, compile in < 1 s; the
+(pixels, K, K) tile at K = 128 spilled and took 3 min to compile). NaN propagates. Each program
 writes its own "non-finite seen" flag (no atomics, deterministic).
 
 Grids are 1-D, programs numbered row-major over (path or image, block) and split in int64 inside
@@ -24,10 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from geokernels.triton._tiles import compute_dtype, device_guard, scalar_args
+from geokernels.triton._tiles import compute_dtype, compute_torch_dtype, device_guard, scalar_args
 
 ELEM_BLOCK = 256
 PIX_BLOCK = 64
+STREAM_BLOCK = 256
 
 
 @triton.jit
@@ -184,16 +189,64 @@ def _delta_kernel(v_ptr, x_ptr, noise_ptr, out_ptr, C: tl.constexpr, HW, K, path
     tl.store(out_ptr + local * HW + p, d.to(out_ptr.dtype.element_ty), mask=valid)
 
 
+# aggregation codes (constexpr AGG): the order statistic is only counted out when it has to be
+AGG_MEAN, AGG_MIN, AGG_MAX, AGG_PAIRS, AGG_LOOP = 0, 1, 2, 3, 4
+# up to this many paths (padded to KP) a program holds a (pixels, KP) tile of mismatches and the
+# pairwise count a (pixels, KP, KP) one; beyond, mean/min/max stream over the paths (STREAM) and
+# an order statistic counts against columns re-read from a mismatch buffer (AGG_LOOP)
+TILE_MAX_KP = 32
+
+
 @triton.jit
-def _aggregate_tile(d, kvalid, K, rank, MEAN: tl.constexpr, KP: tl.constexpr):
-    """agg over axis 1 of a (pixels, KP) tile whose columns >= K are padding."""
+def _stream_init(shape, AGG: tl.constexpr, CDT: tl.constexpr):
+    if AGG == 1:
+        acc = tl.full(shape, float("inf"), CDT)
+    elif AGG == 2:
+        acc = tl.full(shape, float("-inf"), CDT)
+    else:
+        acc = tl.zeros(shape, CDT)
+    return acc, tl.zeros(shape, tl.int32), tl.zeros(shape, tl.int32)
+
+
+@triton.jit
+def _stream_add(acc, nan, nonfinite, d, AGG: tl.constexpr):
+    """Fold one path's mismatches d into the running mean/min/max (and the NaN / non-finite
+    flags, as _aggregate_tile sets them)."""
+    if AGG == 1:
+        acc = tl.minimum(acc, d)
+    elif AGG == 2:
+        acc = tl.maximum(acc, d)
+    else:
+        acc = acc + d
+    nan = nan | (d != d).to(tl.int32)
+    nonfinite = nonfinite | (~(d < float("inf"))).to(tl.int32)
+    return acc, nan, nonfinite
+
+
+@triton.jit
+def _stream_result(acc, nan, K, AGG: tl.constexpr):
+    if AGG == 0:
+        res = acc / K
+    else:
+        res = tl.where(nan != 0, float("nan"), acc)
+    return res
+
+
+@triton.jit
+def _aggregate_tile(d, kvalid, K, rank, AGG: tl.constexpr, KP: tl.constexpr):
+    """agg over axis 1 of a (pixels, KP) tile whose columns >= K are padding; AGG_LOOP leaves
+    the result to the caller (0 here) and returns the inf-padded tile for it."""
     inf = float("inf")
     d = tl.where(kvalid, d, inf)
     is_nan = tl.where(kvalid & (d != d), 1, 0)
     any_nan = tl.max(is_nan, axis=1) > 0
-    if MEAN:
+    if AGG == 0:
         res = tl.sum(tl.where(kvalid, d, 0.0), axis=1) / K
-    else:
+    elif AGG == 1:    # rank 1: the value the count would pick, without the K^2 comparisons
+        res = tl.min(d, axis=1)
+    elif AGG == 2:    # rank K
+        res = tl.max(tl.where(kvalid, d, -inf), axis=1)
+    elif AGG == 3:
         dk = d[:, :, None]
         dj = d[:, None, :]
         kk = tl.arange(0, KP)[None, :, None]
@@ -202,38 +255,85 @@ def _aggregate_tile(d, kvalid, K, rank, MEAN: tl.constexpr, KP: tl.constexpr):
         cnt = tl.sum(before.to(tl.int32), axis=2)
         pick = (cnt == rank - 1) & kvalid
         res = tl.sum(tl.where(pick, d, 0.0), axis=1)
+    else:
+        res = tl.zeros([d.shape[0]], d.dtype)
+    if AGG != 0:
         res = tl.where(any_nan, float("nan"), res)
     nonfinite = tl.max(tl.where(kvalid & ~(d < inf), 1, 0), axis=1)
-    return res, nonfinite
+    return res, nonfinite, d, any_nan
+
+
+@triton.jit
+def _select_loop(d, kvalid, any_nan, delta_ptr, p, pv, HW, K: tl.constexpr, rank,
+                 KP: tl.constexpr):
+    """The rank-th smallest of each row of the inf-padded (pixels, KP) tile d, counted against
+    the K columns re-read one at a time from delta_ptr ((K, HW) of this image): O(pixels * KP)
+    registers instead of the pairwise tile's O(pixels * KP^2), same tie and NaN rules."""
+    kk = tl.arange(0, KP)[None, :]
+    cnt = tl.zeros(d.shape, tl.int32)
+    col = delta_ptr + p        # column j's pointers, advanced by HW (pointer arithmetic: 64-bit)
+    for j in range(K):
+        dj = tl.load(col, mask=pv, other=0.0).to(d.dtype)[:, None]
+        before = (dj < d) | ((dj == d) & (j < kk))
+        cnt += before.to(tl.int32)
+        col += HW
+    pick = (cnt == rank - 1) & kvalid
+    res = tl.sum(tl.where(pick, d, 0.0), axis=1)
+    return tl.where(any_nan, float("nan"), res)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "image0"])
 def _accumulate_kernel(heat_ptr, v_ptr, x_ptr, noise_ptr, flag_ptr, weight_ptr, C: tl.constexpr,
-                       HW, K, rank, seed_lo, seed_hi, image0, HAS_NOISE: tl.constexpr,
-                       MEAN: tl.constexpr, CDT: tl.constexpr, KP: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       HW, K: tl.constexpr, rank, seed_lo, seed_hi, image0,
+                       HAS_NOISE: tl.constexpr, AGG: tl.constexpr, STREAM: tl.constexpr,
+                       CDT: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     b, p = _row_block(HW, BLOCK)
-    k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
-    kvalid = (k < K)[None, :] & pv[:, None]
-    n = b * K + k
-    d = _mismatch(v_ptr, x_ptr, noise_ptr, n[None, :], b + tl.zeros([1, KP], tl.int64),
-                  k[None, :], p[:, None], kvalid, C, HW, seed_lo, seed_hi, image0, HAS_NOISE, CDT)
-    res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
+    if STREAM:   # mean/min/max of many paths: one path at a time, O(BLOCK) registers
+        zero = tl.zeros([BLOCK], tl.int64)
+        acc, nan, nonfinite = _stream_init([BLOCK], AGG, CDT)
+        for kk in range(K):
+            k = kk + zero
+            d = _mismatch(v_ptr, x_ptr, noise_ptr, b * K + k, b + zero, k, p, pv, C, HW,
+                          seed_lo, seed_hi, image0, HAS_NOISE, CDT)
+            acc, nan, nonfinite = _stream_add(acc, nan, nonfinite, d, AGG)
+        res = _stream_result(acc, nan, K, AGG)
+    else:        # AGG < AGG_LOOP (the host routes AGG_LOOP through a mismatch buffer)
+        k = tl.arange(0, KP).to(tl.int64)
+        kvalid = (k < K)[None, :] & pv[:, None]
+        n = b * K + k
+        d = _mismatch(v_ptr, x_ptr, noise_ptr, n[None, :], b + tl.zeros([1, KP], tl.int64),
+                      k[None, :], p[:, None], kvalid, C, HW, seed_lo, seed_hi, image0,
+                      HAS_NOISE, CDT)
+        res, nonfinite, _d, _n = _aggregate_tile(d, kvalid, K, rank, AGG, KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
     tl.store(flag_ptr + tl.program_id(0), tl.max(tl.where(pv, nonfinite, 0), axis=0))
 
 
 @triton.jit
-def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K, rank, MEAN: tl.constexpr,
-                      CDT: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+def _aggregate_kernel(heat_ptr, delta_ptr, flag_ptr, weight_ptr, HW, K: tl.constexpr, rank,
+                      AGG: tl.constexpr, STREAM: tl.constexpr, CDT: tl.constexpr,
+                      KP: tl.constexpr, BLOCK: tl.constexpr):
     b, p = _row_block(HW, BLOCK)
-    k = tl.arange(0, KP).to(tl.int64)
     pv = p < HW
-    kvalid = (k < K)[None, :] & pv[:, None]
-    d = tl.load(delta_ptr + (b * K + k[None, :]) * HW + p[:, None], mask=kvalid, other=0.0).to(CDT)
-    res, nonfinite = _aggregate_tile(d, kvalid, K, rank, MEAN, KP)
+    if STREAM:
+        acc, nan, nonfinite = _stream_init([BLOCK], AGG, CDT)
+        col = delta_ptr + b * K * HW + p
+        for kk in range(K):
+            d = tl.load(col, mask=pv, other=0.0).to(CDT)
+            acc, nan, nonfinite = _stream_add(acc, nan, nonfinite, d, AGG)
+            col += HW
+        res = _stream_result(acc, nan, K, AGG)
+    else:
+        k = tl.arange(0, KP).to(tl.int64)
+        kvalid = (k < K)[None, :] & pv[:, None]
+        d = tl.load(delta_ptr + (b * K + k[None, :]) * HW + p[:, None], mask=kvalid,
+                    other=0.0).to(CDT)
+        res, nonfinite, d, any_nan = _aggregate_tile(d, kvalid, K, rank, AGG, KP)
+        if AGG == 4:
+            res = _select_loop(d, kvalid, any_nan, delta_ptr + b * K * HW, p, pv, HW, K, rank,
+                               KP)
     h = tl.load(heat_ptr + b * HW + p, mask=pv, other=0.0)
     tl.store(heat_ptr + b * HW + p, h + tl.load(weight_ptr) * res, mask=pv)
     tl.store(flag_ptr + tl.program_id(0), tl.max(tl.where(pv, nonfinite, 0), axis=0))
@@ -245,9 +345,27 @@ def _seed_words(seed: int) -> tuple[int, int]:
     return s & 0xFFFFFFFF, s >> 32
 
 
-def _pix_block(K: int) -> tuple[int, int]:
+def _launch_config(K: int, rank: int, mean: bool) -> dict:
+    """AGG, STREAM, KP and BLOCK (pixels per program) of an aggregation over K paths."""
     kp = triton.next_power_of_2(K)
-    return kp, max(16, min(PIX_BLOCK, 4096 // (kp * kp)))
+    tile = kp <= TILE_MAX_KP
+    if mean:
+        agg = AGG_MEAN
+    elif rank == 1:
+        agg = AGG_MIN
+    elif rank == K:
+        agg = AGG_MAX
+    else:
+        agg = AGG_PAIRS if tile else AGG_LOOP
+    if agg == AGG_PAIRS:
+        block = max(16, min(PIX_BLOCK, 4096 // (kp * kp)))
+    elif agg == AGG_LOOP:   # a (BLOCK, KP) tile of 2048 elements; 1 pixel per program at K > 1024
+        block = max(1, min(PIX_BLOCK, 2048 // kp))
+    elif not tile:          # streaming: a few pixels per thread, no tile
+        block = STREAM_BLOCK
+    else:
+        block = PIX_BLOCK
+    return dict(AGG=agg, STREAM=not tile and agg != AGG_LOOP, KP=kp, BLOCK=block)
 
 
 @torch.library.custom_op("geokernels_triton::flow_mismatch_noise", mutates_args=())
@@ -296,15 +414,21 @@ def delta(v: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], seed:
     B, C, H, W = x.shape
     count = v.shape[0]
     out = torch.empty(count, H, W, dtype=x.dtype, device=x.device)
-    if count == 0:
-        return out
+    if count:
+        _launch_delta(out, v, x, noise, seed, image_offset, num_paths, path_start)
+    return out
+
+
+def _launch_delta(out, v, x, noise, seed, image_offset, num_paths, path_start):
+    """out (count, H, W) or (B, K, H, W) <- the mismatch of paths path_start.. (v's rows)."""
+    B, C, H, W = x.shape
+    count = v.shape[0]
     lo, hi = _seed_words(seed)
     nz = noise.contiguous() if noise is not None else x
     with device_guard(x):
         _delta_kernel[(count * triton.cdiv(H * W, PIX_BLOCK),)](
             v, x, nz, out, C, H * W, num_paths, path_start, lo, hi, image_offset,
             HAS_NOISE=noise is not None, CDT=compute_dtype(x.dtype), BLOCK=PIX_BLOCK)
-    return out
 
 
 @delta.register_fake
@@ -318,17 +442,20 @@ def accumulate_(heat: torch.Tensor, v: torch.Tensor, x: torch.Tensor, noise: Opt
                 mean: bool) -> torch.Tensor:
     x, v = x.contiguous(), v.contiguous()
     B, C, H, W = x.shape
+    cfg = _launch_config(num_paths, rank, mean)
+    if cfg["AGG"] == AGG_LOOP:   # an order statistic of many paths: mismatches, then the count
+        d = torch.empty(B, num_paths, H, W, dtype=compute_torch_dtype(heat.dtype), device=x.device)
+        _launch_delta(d, v, x, noise, seed, image_offset, num_paths, 0)
+        return aggregate_(heat, d, weight, rank, mean)
     work = heat if heat.is_contiguous() else heat.contiguous()
-    kp, block = _pix_block(num_paths)
-    grid = (B * triton.cdiv(H * W, block),)  # one flag per program
+    grid = (B * triton.cdiv(H * W, cfg["BLOCK"]),)  # one flag per program
     flags = torch.zeros(grid[0], dtype=torch.int32, device=x.device)
     lo, hi = _seed_words(seed)
     nz = noise.contiguous() if noise is not None else x
     with device_guard(x):
         _accumulate_kernel[grid](work, v, x, nz, flags, scalar_args(work, [weight]), C, H * W,
                                  num_paths, rank, lo, hi, image_offset,
-                                 HAS_NOISE=noise is not None, MEAN=mean,
-                                 CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
+                                 HAS_NOISE=noise is not None, CDT=compute_dtype(work.dtype), **cfg)
     if work is not heat:
         heat.copy_(work)
     return flags.any()
@@ -345,12 +472,12 @@ def aggregate_(heat: torch.Tensor, delta: torch.Tensor, weight: float, rank: int
     delta = delta.contiguous()
     B, K, H, W = delta.shape
     work = heat if heat.is_contiguous() else heat.contiguous()
-    kp, block = _pix_block(K)
-    grid = (B * triton.cdiv(H * W, block),)  # one flag per program
+    cfg = _launch_config(K, rank, mean)
+    grid = (B * triton.cdiv(H * W, cfg["BLOCK"]),)  # one flag per program
     flags = torch.zeros(grid[0], dtype=torch.int32, device=delta.device)
     with device_guard(delta):
         _aggregate_kernel[grid](work, delta, flags, scalar_args(work, [weight]), H * W, K, rank,
-                                MEAN=mean, CDT=compute_dtype(work.dtype), KP=kp, BLOCK=block)
+                                CDT=compute_dtype(work.dtype), **cfg)
     if work is not heat:
         heat.copy_(work)
     return flags.any()
