@@ -123,6 +123,19 @@ def test_zero_steps_is_sigmoid_of_normalised_logits(device, backend):
     assert hist.shape == (0,)
 
 
+@pytest.mark.parametrize("device,backend", backend_device_params("cgpm"))   # Triton too
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1), (1, 1, 4, 4), (1, 2, 5, 3)])
+@pytest.mark.parametrize("backprop", [False, True])
+def test_constant_logits_are_a_fixed_point(device, backend, shape, backprop):
+    # flat logits: the shape loss has zero gradient and u0 = u, so every step leaves o alone.
+    # The Triton steps' own sigmoid differed from torch.sigmoid's u0 by an ulp: relu(u0 - u)
+    # was 3e-8, not 0, and Adam turned it into steps of ~lr (1.6e-3 off after 10 steps)
+    x = torch.full(shape, -4.0, device=device, requires_grad=backprop)
+    ref = geokernels.cgpm(x.detach().cpu(), steps=10, backend="torch")
+    out = geokernels.cgpm(x, steps=10, backend=backend, backprop_to_backbone=backprop)
+    assert (out.detach().cpu() - ref).abs().max() <= 1e-7
+
+
 @pytest.mark.parametrize("device,backend", _fused_params())
 def test_noncontiguous_and_channels(device, backend):
     base = _logits((2, 3, 13, 11), device=device)
@@ -291,6 +304,7 @@ def test_opcheck_triton():
     o = torch.randn(1, 1, 5, 6, dtype=torch.float64,
                     device="cuda" if torch.cuda.is_available() else "cpu")
     torch.library.opcheck(tc.cgpm_steps, _op_args(o, steps=2), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(tc.sigmoid, (o,), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_steps_resume_from_state():

@@ -211,6 +211,21 @@ def _unroll_backward_fake(adj_o, u0, saved, starts, steps, backend, *settings):
 
 
 @float32_under_autocast
+def _initial_u(backend: str, o0: torch.Tensor) -> torch.Tensor:
+    """u0 = sigmoid(o0) rounded as the backend's step kernels round their iterates, so that
+    relu(u0 - u) is exactly 0 where o has not moved (the Triton steps' sigmoid differs from
+    torch.sigmoid by an ulp, which Adam turned into lr-sized steps on flat inputs);
+    differentiable as torch.sigmoid."""
+    s = torch.sigmoid(o0)
+    if backend != "triton":
+        return s
+    from geokernels.triton import cgpm as _triton_cgpm
+
+    k = _triton_cgpm.sigmoid(o0.detach())
+    # k - s is exact (they are an ulp apart), so s + (k - s) is k bit for bit
+    return s + (k - s).detach() if s.requires_grad else k
+
+
 def cgpm(
     logits: torch.Tensor,
     steps: int = 100,
@@ -271,13 +286,13 @@ def cgpm(
     x = logits.to(_work_dtype(logits.dtype))
     if differentiate:
         o0 = _ref.cgpm_normalise(x)
-        u0 = torch.sigmoid(o0)
+        u0 = _initial_u(be, o0)
         o, hist = _FusedUnroll.apply(o0, u0, steps, settings, be, return_history)
         out = torch.sigmoid(o)
     else:
         with torch.no_grad():
             o0 = _ref.cgpm_normalise(x.detach())
-            u0 = torch.sigmoid(o0)
+            u0 = _initial_u(be, o0)
             zeros = torch.zeros_like(o0)
             o, _, _, hist = _run_steps(be, o0, zeros, zeros, u0, 0, steps, settings,
                                        return_history)

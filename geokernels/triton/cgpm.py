@@ -46,7 +46,44 @@ def _adam_epilogue(u_ptr, un_ptr, u0_ptr, o_ptr, m_ptr, v_ptr, prm, idx, valid, 
     tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=valid)
     tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=valid)
     tl.store(o_ptr + idx, o.to(o_ptr.dtype.element_ty), mask=valid)
-    tl.store(un_ptr + idx, (1.0 / (1.0 + tl.exp(0.0 - o))).to(un_ptr.dtype.element_ty), mask=valid)
+    tl.store(un_ptr + idx, _sigmoid(o).to(un_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _sigmoid(o):
+    # the one sigmoid of the Triton CGPM: the steps' u_next, the first u and u0 (sigmoid_kernel)
+    # must agree bit for bit, or relu(u0 - u) is an ulp off 0 at a fixed point and Adam blows
+    # that spurious gradient up to lr-sized steps (torch.sigmoid rounds differently)
+    return 1.0 / (1.0 + tl.exp(0.0 - o))
+
+
+@triton.jit
+def _sigmoid_kernel(o_ptr, out_ptr, n, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < n
+    o = tl.load(o_ptr + idx, mask=valid, other=0.0).to(CDT)
+    tl.store(out_ptr + idx, _sigmoid(o).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_sigmoid(o: torch.Tensor) -> torch.Tensor:
+    o = o.contiguous()
+    out = torch.empty_like(o)
+    if o.numel():
+        with device_guard(o):
+            _sigmoid_kernel[(triton.cdiv(o.numel(), 1024),)](o, out, o.numel(),
+                                                              CDT=compute_dtype(o.dtype), BLOCK=1024)
+    return out
+
+
+@torch.library.custom_op("geokernels_triton::cgpm_sigmoid", mutates_args=())
+def sigmoid(o: torch.Tensor) -> torch.Tensor:
+    """sigmoid(o) exactly as the Triton CGPM steps compute it (for u0; not differentiable)."""
+    return _launch_sigmoid(o)
+
+
+@sigmoid.register_fake
+def _(o):
+    return torch.empty_like(o, memory_format=torch.contiguous_format)
 
 
 @triton.jit
@@ -113,7 +150,7 @@ def cgpm_steps(o: torch.Tensor, m: torch.Tensor, v: torch.Tensor, u0: torch.Tens
         grid = tile_grid(o, BLOCK_H, BLOCK_W)
         table = _param_table(first_step, steps, lr, beta1, beta2, adam_eps, weight, order, margin,
                              beta, eps, grad_threshold, window, o.numel(), cdt_torch, o.device)
-        u_cur = torch.sigmoid(o)
+        u_cur = _launch_sigmoid(o)
         u_next = torch.empty_like(o)
         qc_weight = table[:, P_QCW].contiguous()
         for s in range(steps):
