@@ -239,3 +239,25 @@ def test_config_does_not_override_a_flag_given_with_its_default_value(monkeypatc
     assert seen["batch_size"] == 32                       # typed: wins
     assert seen["steps"] == shipped["steps"]              # not typed: from the config
     assert seen["image_size"] == shipped["image_size"]
+
+
+def test_metrics_undefined_only_for_a_single_class():
+    # NaN only where a metric is undefined (one class); a NaN heatmap or a size mismatch is an
+    # error, not an "n/a" cell that the means over categories would silently leave out
+    from geokernels.anomaly.cli import compute_metrics
+
+    g = torch.Generator().manual_seed(0)
+    heats = torch.rand(4, 8, 8, generator=g)
+    masks = torch.zeros(4, 8, 8)
+    masks[2:, 2:5, 3:6] = 1
+    labels = torch.tensor([0, 0, 1, 1])
+    m = compute_metrics(heats, heats.flatten(1).amax(1), masks, labels)
+    assert all(0 <= v <= 1 for v in m.values())
+    only_normal = compute_metrics(heats[:2], heats[:2].flatten(1).amax(1), masks[:2], labels[:2])
+    assert all(v != v for v in only_normal.values())        # undefined: NaN, shown as n/a
+    bad = heats.clone()
+    bad[3, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_metrics(bad, heats.flatten(1).amax(1), masks, labels)
+    with pytest.raises(ValueError):
+        compute_metrics(heats[:, :4], heats.flatten(1).amax(1), masks, labels)

@@ -250,14 +250,17 @@ def _stack(ds, progress=False, desc="loading"):
     return torch.stack(images), torch.stack(masks), torch.tensor(labels), paths, defects
 
 
-def _safe_metric(name, *a, **k):
+def _safe_metric(name, scores, labels, **k):
+    """The metric, or NaN where it is undefined because ``labels`` hold a single class (e.g. a
+    category or defect type without defective test images). Any other error (NaN heatmaps,
+    heatmaps and masks of different sizes) is raised: caught, it became a NaN cell that the
+    means over categories then silently left out."""
     from geokernels.anomaly._compat import metric
 
-    try:
-        v = float(metric(name)(*a, **k))
-    except ValueError:  # e.g. a single class present
+    positive = labels > 0
+    if labels.numel() == 0 or bool(positive.all()) or not bool(positive.any()):
         return float("nan")
-    return v
+    return float(metric(name)(scores, labels, **k))
 
 
 def compute_metrics(heats, scores, masks, labels) -> dict:
