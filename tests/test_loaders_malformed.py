@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from geokernels.data import DatasetError, MVTecAD, SegmentationFolder, VisA
@@ -283,3 +284,24 @@ def test_folder_duplicate_stems_and_size_mismatch(tmp_path):
     write_png(tmp_path / "masks" / "0.png", np.zeros((7, 9), np.uint8))
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "masks" / "0.png"))):
         SegmentationFolder(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16"])
+def test_mask_modes_read_the_same_region(tmp_path, mode):
+    # an opaque alpha channel made every pixel of an RGBA/LA mask anomalous; a palette mask
+    # is read by its colours (index 0 may be any colour)
+    from geokernels.data._io import load_mask
+
+    region = np.zeros((8, 8), dtype=bool)
+    region[2:4, 3:6] = True
+    gray = (region * 255).astype(np.uint8)
+    if mode == "P":
+        img = Image.fromarray(gray).convert("P")
+    elif mode == "I;16":
+        img = Image.fromarray((region * 65535).astype(np.uint16))
+    else:
+        img = Image.fromarray(gray).convert(mode)
+    path = tmp_path / f"m_{mode.replace(';', '')}.png"
+    img.save(path)
+    mask = load_mask(path, None, (8, 8), tmp_path / "image.png")
+    assert torch.equal(mask[0].bool(), torch.from_numpy(region))

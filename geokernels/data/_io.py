@@ -150,11 +150,17 @@ def load_image(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, i
 
 def load_mask(path: Path, size: int | None, native: tuple[int, int],
               image_path: Path) -> torch.Tensor:
-    """(1, size, size) float32 0/1: any non-zero pixel (in any channel) is anomalous; resized
-    with nearest-neighbour so it stays binary. Its native size must equal the image's."""
+    """(1, size, size) float32 0/1: any non-zero pixel (in any colour channel) is anomalous;
+    resized with nearest-neighbour so it stays binary. Its native size must equal the image's.
+    An alpha channel is ignored (an opaque black background is not a defect) and a palette
+    image is read by its colours, not its indices."""
     img = _open(path)
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGB")
     arr = np.asarray(img)
     if arr.ndim == 3:
+        if img.mode in ("RGBA", "RGBa", "LA", "La"):
+            arr = arr[..., :-1]
         arr = arr.any(axis=2)
     if arr.shape != tuple(native):
         raise DatasetError(f"mask {path} has size {arr.shape[1]}x{arr.shape[0]} (WxH) but its "
