@@ -250,7 +250,7 @@ def test_calibrated_variant(fitted, tmp_path):
     assert (low > 5 * mid).all() and (high > 5 * mid).all()
 
 
-def test_class_conditional_and_per_category():
+def test_class_conditional_and_per_category(tmp_path):
     data = {"a": normal_images(16, seed=13), "b": 1 - normal_images(16, seed=14)}
     fit = dict(FIT, steps=3)
     cond = FlowMismatchDetector(device="cpu", **SCORE).fit(data, **fit)
@@ -260,6 +260,16 @@ def test_class_conditional_and_per_category():
     hb, _ = cond.score(x, category="b")
     assert not torch.equal(ha, hb)
     assert torch.equal(cond.score(x, category=1)[0], hb)
+    # calibrations of a conditional model are per category and survive save/load (they were
+    # all collapsed onto one key: "needs calibrate() first" after loading)
+    cond.calibrate(normal_images(6, seed=16), category="a", stats_sigma=1.0)
+    cond.calibrate(1 - normal_images(6, seed=17), category="b", stats_sigma=1.0)
+    cal_a = cond.score(x, category="a", method="calibrated_mismatch")[0]
+    cal_b = cond.score(x, category="b", method="calibrated_mismatch")[0]
+    cond.save(tmp_path / "cond.pt")
+    again = FlowMismatchDetector.load(tmp_path / "cond.pt", device="cpu")
+    assert torch.equal(again.score(x, category="a", method="calibrated_mismatch")[0], cal_a)
+    assert torch.equal(again.score(x, category="b", method="calibrated_mismatch")[0], cal_b)
     with pytest.raises(ValueError, match="category is required"):
         cond.score(x)
     with pytest.raises(ValueError, match="unknown category"):

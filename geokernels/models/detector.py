@@ -490,7 +490,7 @@ class FlowMismatchDetector:
         settings.update(overrides)
         det = cls(models[None] if None in models else models, class_names=class_names,
                   device=device, **options, **settings)
-        det.calibrations = {(None if k == "" or ckpt.get("single") else k):
+        det.calibrations = {(None if k == "" else k):   # a conditional model keys by category
                             MismatchCalibration.from_state_dict(v)
                             for k, v in calibrations.items()}
         det.metadata = dict(ckpt.get("metadata") or {})
