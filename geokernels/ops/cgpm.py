@@ -210,7 +210,6 @@ def _unroll_backward_fake(adj_o, u0, saved, starts, steps, backend, *settings):
     return torch.empty_like(u0, **like), torch.empty_like(u0, **like)
 
 
-@float32_under_autocast
 def _initial_u(backend: str, o0: torch.Tensor) -> torch.Tensor:
     """u0 = sigmoid(o0) rounded as the backend's step kernels round their iterates, so that
     relu(u0 - u) is exactly 0 where o has not moved (the Triton steps' sigmoid differs from
@@ -226,6 +225,7 @@ def _initial_u(backend: str, o0: torch.Tensor) -> torch.Tensor:
     return s + (k - s).detach() if s.requires_grad else k
 
 
+@float32_under_autocast
 def cgpm(
     logits: torch.Tensor,
     steps: int = 100,
