@@ -126,6 +126,25 @@ def test_eval_writes_table_json_and_overlays(trained, mvtec_root, tmp_path):
 
 
 
+def test_eval_defaults_to_the_trained_categories(trained, mvtec_root, tmp_path):
+    # a model trained on one category of a root holding two: eval without --categories scores
+    # the one it was trained on (from the checkpoint's metadata), not everything under --root
+    import shutil
+
+    root = tmp_path / "two"
+    shutil.copytree(mvtec_root, root)
+    shutil.copytree(root / CATEGORY, root / "gadget")
+    out = tmp_path / "eval_two"
+    argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"), "--dataset",
+            "mvtec", "--root", str(root), "-K", "2", "-T", "2", "--overlays", "0",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    assert list(json.loads((out / "metrics.json").read_text())["categories"]) == [CATEGORY]
+    assert main(argv[:-1] + [str(out) + "_all", "--categories", CATEGORY, "gadget"]) == 0
+    assert sorted(json.loads((tmp_path / "eval_two_all" / "metrics.json").read_text())
+                  ["categories"]) == ["gadget", CATEGORY]
+
+
 def test_eval_smoothing_report_and_per_defect_pixel_auroc(trained, mvtec_root, tmp_path):
     out = tmp_path / "eval_smooth"
     argv = ["anomaly", "eval", "--checkpoint", str(trained[0] / "detector.pt"), "--dataset",
@@ -157,6 +176,25 @@ def test_score_prints_and_writes_heatmaps(trained, mvtec_root, tmp_path, capsys)
     assert len(data["scores"]) == 2
     assert np.load(out / "000_heatmap.npy").shape == (16, 16)
     assert (out / "000_heatmap.png").exists()
+
+
+def test_score_decodes_like_the_loaders(trained, mvtec_root, tmp_path, capsys):
+    # a 16-bit PNG: `score` clipped it to white (PIL convert("RGB")); the loaders scale it
+    from pathlib import Path
+
+    from geokernels.data._io import load_image
+    from geokernels.models import FlowMismatchDetector
+
+    rgb = np.asarray(Image.open(mvtec_root / CATEGORY / "test" / "spot" / "000.png"))
+    path = tmp_path / "sixteen.png"
+    Image.fromarray((rgb.mean(axis=2) * 257).astype(np.uint16)).save(path)
+    assert main(["anomaly", "score", str(path), "--checkpoint", str(trained[0] / "detector.pt"),
+                 "-K", "2", "-T", "4", "--device", "cpu", "--quiet"]) == 0
+    cli_score = float(capsys.readouterr().out.split("\t")[0])
+    det = FlowMismatchDetector.load(trained[0] / "detector.pt", device="cpu", K=2, T=4)
+    image = load_image(Path(path), 16)[0]
+    assert 0.2 < float(image.mean()) < 0.8
+    assert cli_score == pytest.approx(float(det.score(image[None])[1][0]), rel=1e-5)  # %.6g
 
 
 def test_score_paths_per_call(trained, mvtec_root, tmp_path, capsys):

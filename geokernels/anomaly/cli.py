@@ -33,6 +33,16 @@ METRIC_TITLES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au
 
 
 # ------------------------------------------------------------------------------ datasets
+def _trained_categories(det, dataset: str) -> list[str] | None:
+    """The categories a single-model or pooled detector was trained on, from the metadata that
+    `anomaly train` writes (an unconditional detector has no categories of its own): without
+    it, eval scored every category under --root with a model trained on one of them."""
+    meta = getattr(det, "metadata", None) or {}
+    if meta.get("dataset") == dataset and meta.get("categories"):
+        return [str(c) for c in meta["categories"]]
+    return None
+
+
 def _default_categories(dataset: str, root) -> list[str]:
     from geokernels.anomaly._compat import dataset_class
 
@@ -341,7 +351,13 @@ def cmd_eval(args) -> int:
             raise SystemExit(f"error: --report-smoothing sigmas must be finite and >= 0, got {sigma}")
     det, source = _load_detector(args)
     size = _image_size(det)
-    categories = args.categories or det.categories or _default_categories(args.dataset, args.root)
+    categories = args.categories or det.categories or _trained_categories(det, args.dataset)
+    if not categories:
+        categories = _default_categories(args.dataset, args.root)
+        if det.categories is None and len(categories) > 1:
+            print(f"note: the checkpoint does not say which categories it was trained on; "
+                  f"evaluating all {len(categories)} under the dataset (--categories to choose)",
+                  file=sys.stderr)
     methods = args.methods
     os.makedirs(args.out, exist_ok=True)
     results = {"dataset": args.dataset, "root": args.root, "checkpoint": source,
@@ -428,17 +444,18 @@ def cmd_eval(args) -> int:
 
 
 def _load_image_file(path, size):
-    from PIL import Image
+    """Decoded and resized exactly as the train/eval loaders do (16-bit PNGs scaled, not
+    clipped; antialiased float resize), so `score` gives an image the score `eval` gives it."""
+    from pathlib import Path
+
+    from geokernels.data._io import DatasetError, load_image
 
     try:
-        img = Image.open(path).convert("RGB")
+        return load_image(Path(path), size)[0].contiguous()
     except FileNotFoundError:
         raise SystemExit(f"error: image {path!r} does not exist") from None
-    except Exception as exc:
-        raise SystemExit(f"error: cannot read image {path!r}: {exc}") from None
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_score(args) -> int:
