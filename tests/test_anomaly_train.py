@@ -177,6 +177,13 @@ def test_bad_datasets_and_options():
         train({}, steps=1, **FAST)
 
 
+def test_non_square_images_are_refused():
+    # the model records one image_size and the detector scores square images: a non-square
+    # run trained a model that could not score its own training images
+    with pytest.raises(ValueError, match="square"):
+        train(torch.rand(8, 3, 16, 32), **dict(FAST, steps=1))
+
+
 def test_class_conditional_training():
     data = {"a": _images(8, seed=1), "b": _dataset(_images(8, seed=2))}
     result = train(data, steps=2, **FAST)

@@ -187,6 +187,13 @@ def test_reconstruction_baseline(fitted):
     assert hn.shape == (8, SIZE, SIZE) and torch.isfinite(hd).all() and (hd >= 0).all()
     assert torch.equal(det.score(xn, method="reconstruction")[0], hn)
     assert (hd * masks).sum() / masks.sum() > (hd * (1 - masks)).sum() / (1 - masks).sum()
+    # smooth_sigma smooths the baseline's heatmaps as it smooths the mismatch's
+    det.settings["smooth_sigma"] = 1.5
+    try:
+        smoothed = det.score(xn, method="reconstruction")[0]
+    finally:
+        det.settings["smooth_sigma"] = 0.0
+    torch.testing.assert_close(smoothed, geokernels.smooth_heatmap(hn, 1.5))
     # explicit noise, Euler: one step from t0 is x_t0 + (1 - t0) v  (the formula, checked)
     model = det.members[None]
     x = xn[:2] * 2 - 1

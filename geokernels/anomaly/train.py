@@ -398,8 +398,11 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
             raise ValueError("class_conditional=True needs dataset as a dict {category: dataset}")
         images, labels = load_normal_images(dataset, progress=progress), None
     num_classes = 0 if labels is None else len(class_names)
-    if config.augment == "flip+rot90" and images.shape[-1] != images.shape[-2]:
-        raise ValueError("augment='flip+rot90' needs square images")
+    if images.shape[-1] != images.shape[-2]:
+        # the model records one image_size and the detector scores size x size images: a
+        # non-square run trained a model that could not score its own training images
+        raise ValueError(f"dataset images must be square (H == W), got "
+                         f"{tuple(images.shape[-2:])}; resize or crop them (e.g. image_size=...)")
 
     if model is None:
         kwargs = dict(model_kwargs or {})

@@ -115,7 +115,8 @@ class FlowMismatchDetector:
         model: a trained ``VelocityUNet`` (unconditional or class-conditional), or a dict
             {category: VelocityUNet} of per-category models; None until ``fit``/``load``.
         class_names: the categories of a class-conditional model (class index = position).
-        K, T, agg, r, seed, smooth_sigma: mismatch settings (SPEC 3 defaults K=8, T=24, "min", 2).
+        K, T, agg, r, seed, smooth_sigma: mismatch settings (SPEC 3 defaults K=8, T=24, "min", 2);
+            smooth_sigma > 0 smooths the reconstruction baseline's heatmaps alike.
         score_mode, topk: image score from the heatmap ("max+topk", top 1 %).
         input_range: how [0, 1] images enter the flow ("[-1,1]" default, as trained).
         batch_size: images per mismatch call (K paths each). Noise is drawn per (seed, index of
@@ -391,6 +392,10 @@ class FlowMismatchDetector:
                                            steps=s["reconstruction_steps"],
                                            solver=s["reconstruction_solver"], seed=s["seed"],
                                            paths=s["reconstruction_paths"], image_index_offset=i)
+                if s["smooth_sigma"] > 0:   # as flow_mismatch smooths: methods compare alike
+                    from geokernels.ops.flow_mismatch import smooth_heatmap
+
+                    h = smooth_heatmap(h, s["smooth_sigma"])
             else:
                 # noise keyed by the image's index in this call: independent of batch_size
                 h = flow_mismatch(vel, x, K=s["K"], T=s["T"], agg=s["agg"], r=s["r"],
