@@ -40,10 +40,10 @@ def main(argv):
         items, cleans, src = [], [], []
         for i, d in enumerate(ds.defects):
             if d == "foreign_texture":
-                item, clean = ds.generate(i)
+                item, clean, source = ds._generate(i)   # generate + foreign_source in one draw
                 items.append(item)
                 cleans.append(clean)
-                src.append(ds.foreign_source(i))
+                src.append(source)
         x = torch.stack([s["image"] for s in items])
         mask = torch.stack([s["mask"][0] for s in items]).bool()
         heat, _ = det.score(x, category=cat)
