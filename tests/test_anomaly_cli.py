@@ -299,3 +299,18 @@ def test_metrics_undefined_only_for_a_single_class():
         compute_metrics(bad, heats.flatten(1).amax(1), masks, labels)
     with pytest.raises(ValueError):
         compute_metrics(heats[:, :4], heats.flatten(1).amax(1), masks, labels)
+
+
+def test_limit_spreads_over_defect_types():
+    # MVTec lists test images folder by folder: the first N defective ones were one defect type
+    from geokernels.anomaly.cli import _limited
+
+    class Fake:
+        defects = ["good"] * 4 + ["crack"] * 5 + ["hole"] * 3 + ["scratch"] * 2
+
+    labels = [int(d != "good") for d in Fake.defects]
+    idx = _limited(Fake(), labels, 5)
+    picked = [Fake.defects[i] for i in idx if labels[i]]
+    assert sorted(picked) == ["crack", "crack", "hole", "hole", "scratch"]
+    assert [i for i in idx if not labels[i]] == [0, 1, 2, 3]
+    assert len(_limited(Fake(), labels, 100)) == len(labels)

@@ -90,6 +90,22 @@ class _Subset(torch.utils.data.Dataset):
         return self.base[self.indices[i]]
 
 
+def _limited(ds, labels, n: int) -> list[int]:
+    """Indices of at most n normal and n defective items: the first n normals, and defective
+    items taken round-robin over the defect types (MVTec/VisA list them folder by folder, so the
+    first n were one or two defect types)."""
+    normal = [i for i, y in enumerate(labels) if y == 0][:n]
+    bad = [i for i, y in enumerate(labels) if y == 1]
+    defects = getattr(ds, "defects", None)
+    if defects is not None and not callable(defects):
+        by_type: dict = {}
+        for i in bad:
+            by_type.setdefault(defects[i], []).append(i)
+        queues = list(by_type.values())
+        bad = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+    return sorted(normal + bad[:n])
+
+
 def _labels_of(ds) -> list[int]:
     labels = getattr(ds, "labels", None)
     if labels is not None and not callable(labels):
@@ -368,10 +384,7 @@ def cmd_eval(args) -> int:
         if len(test) == 0:
             raise SystemExit(f"error: the {args.dataset} test split of {cat!r} is empty")
         if args.limit:
-            labels = _labels_of(test)
-            idx = [i for i, y in enumerate(labels) if y == 0][:args.limit] + \
-                  [i for i, y in enumerate(labels) if y == 1][:args.limit]
-            test = _Subset(test, sorted(idx))
+            test = _Subset(test, _limited(test, _labels_of(test), args.limit))
         images, masks, labels, paths, defects = _stack(test, progress=not args.quiet,
                                                        desc=f"loading {cat}")
         dcat = _detector_category(det, cat)
@@ -732,7 +745,8 @@ def add_parser(subparsers) -> None:
                    choices=("mismatch", "reconstruction", "calibrated_mismatch"),
                    help="first one fills the top-level metrics")
     e.add_argument("--limit", type=int, default=None,
-                   help="at most N normal and N defective test images per category")
+                   help="at most N normal and N defective test images per category (the "
+                        "defective ones spread over the defect types)")
     e.add_argument("--calibration-images", type=int, default=40)
     e.add_argument("--report-smoothing", type=float, nargs="+", default=None, metavar="SIGMA",
                    help="also report the metrics of the heatmaps Gaussian-smoothed at each SIGMA "
