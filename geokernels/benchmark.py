@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -54,6 +55,13 @@ _CASES: list[Callable[[torch.device, bool], list[Case]]] = []
 class UnknownOpError(ValueError):
     """``run(ops=...)`` named an op that no registered benchmark case times."""
 
+
+
+def _first_line(exc: BaseException) -> str:
+    """'Type: first line of the message' (an exception may have an empty message: a bare
+    assert inside Triton or Inductor)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:80] if lines else ''}"
 
 def register_case(factory: Callable[[torch.device, bool], list[Case]] | None = None, *,
                   op: str | None = None):
@@ -197,7 +205,16 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
                              f"known: {sorted(named)}")
     factories = [f for f in _CASES
                  if ops is None or getattr(f, "bench_op", None) in (None, *ops)]
-    cases = [c for f in factories for c in f(device, quick) if ops is None or c.op in ops]
+    cases, failed = [], []
+    for f in factories:   # one factory failing (a checkpoint, a missing backend) loses its cases only
+        try:
+            cases += [c for c in f(device, quick) if ops is None or c.op in ops]
+        except Exception as exc:
+            failed.append(exc)
+            warnings.warn(f"bench: the cases of {getattr(f, 'bench_op', f.__name__)} could not be "
+                          f"built: {_first_line(exc)}", RuntimeWarning, stacklevel=2)
+    if failed and not cases:
+        raise failed[0]
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -225,8 +242,7 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
                                     gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None,
                                     note="slow: timed once, memory pass skipped" if slow and memory else "")
             except Exception as exc:  # e.g. torch.compile unsupported here: report, go on
-                rows[impl] = Result(case.op, case.label, impl, math.nan,
-                                    note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+                rows[impl] = Result(case.op, case.label, impl, math.nan, note=_first_line(exc))
         ref = rows["reference"].ms
         comp = rows["compiled"].ms if "compiled" in rows else math.nan
         for r in rows.values():

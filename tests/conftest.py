@@ -33,3 +33,14 @@ torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that is skipped without a GPU also carries the `cuda` marker, so that
+    `-m cuda` (benchmarks/gpu_check.sh) runs it: parametrised cases marked only with
+    requires_cuda (a skipif) escaped the marker selection."""
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            continue
+        if any(m.kwargs.get("reason") == "needs a CUDA device" for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

@@ -132,3 +132,31 @@ def test_rows_are_reported_case_by_case(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("measured | qc2_loss | case") == len(results)
     assert seen_json == [len(results) // 3, 2 * len(results) // 3]
+
+
+def test_one_failing_factory_does_not_lose_the_others(monkeypatch):
+    # on a GPU run, a factory that cannot build its cases (e.g. a checkpoint) must not take
+    # the other ops' rows with it; an exception with an empty message is reported too
+    import pytest
+
+    monkeypatch.setattr(gkbench, "_CASES", [])
+    monkeypatch.setattr(gkbench, "_load_cases", lambda: None)
+
+    @gkbench.register_case(op="cgpm")
+    def broken(device, quick):
+        raise AssertionError()
+
+    def bare_assert(impl):
+        def step():
+            if impl != "reference":
+                raise AssertionError()   # (pytest would give an assert statement a message)
+        return step
+
+    @gkbench.register_case(op="qc2_loss")
+    def fine(device, quick):
+        return [gkbench.Case("qc2_loss", "tiny", bare_assert, 0, compile_reference=False)]
+
+    with pytest.warns(RuntimeWarning, match="cgpm"):
+        rows = gkbench.run("cpu", ops=["cgpm", "qc2_loss"], progress=False, memory=False)
+    assert {r.op for r in rows} == {"qc2_loss"}
+    assert any(r.note == "AssertionError: " for r in rows)

@@ -148,6 +148,7 @@ def test_public_api_and_gradient(device, backend):
         torch.testing.assert_close(g_k.cpu(), g_ref, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.cuda   # runs everywhere; selected by gpu_check.sh's -m cuda, where it covers CUDA
 def test_backends_gradients_bit_identical():
     u = _kind_input("ties", (1, 2, 11, 13), torch.float32, 5)
     grads = []
