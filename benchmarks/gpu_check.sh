@@ -121,9 +121,10 @@ i=0
 for op in $ops; do
   i=$((i + 1))
   case " $known " in *" $op "*) ;; *) stage "bench $op: no cases (known: $known)"; continue ;; esac
-  share=$(( (deadline - $(date +%s) - 5) / (n_ops - i + 1) ))
+  share=$(( (deadline - $(date +%s) - 5) / (n_ops - i + 1) ))   # of what is left, per op
   [ "$share" -gt 15 ] || share=15
-  run_for "$(limit "${GK_BENCH_S:-240}" 5 | awk -v s="$share" '{print ($1 < s ? $1 : s)}')" \
+  [ "$share" -lt "${GK_BENCH_S:-240}" ] || share=${GK_BENCH_S:-240}
+  run_for "$(limit "$share" 5)" \
     $PY -m geokernels bench --device cuda --ops "$op" \
     --json "$LOGS/bench_$op.json" > "$LOGS/bench_$op.txt" 2>&1
   stage "bench $op rc=$?"

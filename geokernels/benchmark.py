@@ -56,12 +56,12 @@ class UnknownOpError(ValueError):
     """``run(ops=...)`` named an op that no registered benchmark case times."""
 
 
-
 def _first_line(exc: BaseException) -> str:
     """'Type: first line of the message' (an exception may have an empty message: a bare
     assert inside Triton or Inductor)."""
     lines = str(exc).splitlines()
     return f"{type(exc).__name__}: {lines[0][:80] if lines else ''}"
+
 
 def register_case(factory: Callable[[torch.device, bool], list[Case]] | None = None, *,
                   op: str | None = None):
