@@ -151,3 +151,34 @@ except ImportError as e:
 """
     r = _run(code)
     assert "ERR:" in r.stdout and "out of date" in r.stdout and "an_op_from_the_future" in r.stdout, r.stdout
+
+
+def test_sdist_holds_every_build_input(tmp_path):
+    """`pip install geokernels-*.tar.gz` (and `python -m build`, which builds the wheel from the
+    sdist) compiles from the sdist alone: every C++/CUDA source and header, the bindings and the
+    shipped assets must be in it (setuptools packs the listed sources, not the headers)."""
+    import shutil
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.egg-info")
+    for name in ("csrc", "python", "geokernels", "tests", "docs", "benchmarks"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=skip)
+    env = dict(os.environ, GEOKERNELS_NO_CUDA="1")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--formats=gztar",
+                           "-d", str(tmp_path / "dist")], cwd=str(src), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("geokernels-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {p.relative_to(ROOT).as_posix() for pattern in (
+        "csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.cpp", "csrc/**/*.cu", "python/*.cpp",
+        "geokernels/assets/*", "tests/*.py") for p in ROOT.glob(pattern)}
+    assert any(n.startswith("csrc/include/") for n in needed)
+    assert not needed - packed, sorted(needed - packed)
