@@ -75,3 +75,28 @@ def cpu_build(isa: str = "auto", threads: int | None = None):
     finally:
         ext._set_cpu_isa("auto")
         torch.set_num_threads(saved)
+
+
+def single_thread():
+    """Generator for a module-scoped autouse fixture: the module runs on one torch thread
+    (``_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)``)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def assert_isa_builds_agree(loss_fn, *inputs, tol: float = 1e-5):
+    """Run ``loss_fn(*inputs)`` forward and backward with the portable ("base") CPU build and
+    twice with the SIMD ("auto") one: run to run bit-identical, base vs SIMD at rounding level
+    (relative error < ``tol`` for the loss and every input gradient)."""
+    outs = []
+    for isa in ("base", "auto", "auto"):
+        with cpu_build(isa):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            loss = loss_fn(*leaves)
+            loss.backward()
+        outs.append((loss.detach(), *(x.grad for x in leaves)))
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2])), "SIMD build not deterministic"
+    for a, b in zip(outs[0], outs[1]):
+        assert rel_err(a, b) < tol

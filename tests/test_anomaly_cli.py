@@ -9,16 +9,12 @@ import torch
 from PIL import Image
 
 from geokernels.cli import main
+from tests._util import single_thread
 
 CATEGORY = "widget"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _normal(rng, size):

@@ -11,17 +11,13 @@ import torch
 from geokernels.anomaly import CheckpointError, TrainConfig, load_trained_model, train
 from geokernels.anomaly import checkpoint as ckpt_mod
 from geokernels.anomaly.train import lr_factor
+from tests._util import single_thread
 
 TINY = dict(base_width=8, channel_mults=(1, 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast, and immune to OpenMP barrier stalls on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one thread is as fast, and immune to OpenMP barrier stalls on a loaded machine
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _images(n=24, size=16, seed=0):

@@ -10,6 +10,7 @@ from geokernels.anomaly import CheckpointError, MismatchCalibration, reconstruct
 from geokernels.anomaly._compat import anomaly_score_op, flow_mismatch_op, metric
 from geokernels.models import FlowMismatchDetector, VelocityUNet
 from geokernels.models import detector as detector_mod
+from tests._util import single_thread
 
 SIZE = 16
 TINY = dict(base_width=8, channel_mults=(1, 2))
@@ -18,12 +19,7 @@ FIT = dict(preset="tiny", model_kwargs=TINY, steps=40, batch_size=16, lr=5e-3, w
 SCORE = dict(K=3, T=5, batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def normal_images(n, seed, size=SIZE):

@@ -6,7 +6,8 @@ import torch
 
 import geokernels
 from geokernels import reference
-from tests._util import assert_close_rel, backend_device_params, cpu_build, requires_cuda
+from tests._util import (assert_close_rel, assert_isa_builds_agree, backend_device_params,
+                         requires_cuda)
 
 SHAPES = [(1, 1, 1, 1), (1, 1, 2, 3), (2, 3, 17, 23), (1, 1, 5, 40), (3, 1, 33, 9)]
 WINDOWS = [1, 3, 7, 9]
@@ -195,17 +196,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_deterministic_and_isa_builds_agree():
-    u = torch.rand(3, 2, 37, 41, dtype=torch.float32)
-    outs = []
-    for isa in ("base", "auto", "auto"):
-        with cpu_build(isa):
-            u_k = u.clone().requires_grad_()
-            loss = geokernels.qc1_loss(u_k, backend="cpu")
-            loss.backward()
-        outs.append((loss.detach(), u_k.grad))
-    assert torch.equal(outs[1][0], outs[2][0]) and torch.equal(outs[1][1], outs[2][1])
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-6, atol=0)
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-9)
+    assert_isa_builds_agree(lambda u: geokernels.qc1_loss(u, backend="cpu"),
+                            torch.rand(3, 2, 37, 41, dtype=torch.float32))
 
 
 def test_thread_count_does_not_change_results():
