@@ -162,3 +162,52 @@ def test_folder_errors(tmp_path):
     _write(tmp_path / "masks", "b.png", np.zeros((5, 6), np.uint8))
     with pytest.raises(ValueError, match="no image"):
         SegmentationFolder(tmp_path)
+
+
+def test_folder_16bit_and_float_images_keep_their_values(tmp_path):
+    """16-bit PNGs and float TIFFs used to pass through convert("L"), which clipped/rounded every
+    pixel to one value; they are scaled by 1/65535 or read as is (float in [0, 1])."""
+    H, W = 10, 12
+    grey = np.linspace(0.05, 0.95, H * W).reshape(H, W)
+    mask = np.zeros((H, W), np.uint8)
+    mask[2:7, 3:9] = 1
+    deep = (grey * 65535).round().astype(np.uint16)
+    _write(tmp_path / "images", "a.png", deep)
+    Image.fromarray(grey.astype(np.float32), mode="F").save(tmp_path / "images" / "b.tif")
+    _write(tmp_path / "masks", "a.png", mask * 255)
+    Image.fromarray(mask.astype(np.uint16) * 65535).save(tmp_path / "masks" / "b.png")  # 16-bit
+    ds = SegmentationFolder(tmp_path)
+    a, ma = ds[0]
+    b, mb = ds[1]
+    np.testing.assert_allclose(a[0].numpy(), deep / 65535.0, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(b[0].numpy(), grey, rtol=0, atol=1e-7)
+    assert torch.equal(ma, mb) and ma.sum() == 30
+    small = SegmentationFolder(tmp_path, size=(5, 6), grayscale=False)[0][0]
+    assert small.shape == (3, 5, 6) and 0.2 < float(small.std()) and small.min() >= 0
+    # the same image as 8 bits, resized by Pillow: the float path agrees to 8-bit rounding
+    ref = np.asarray(Image.fromarray((grey * 255).round().astype(np.uint8)).resize(
+        (6, 5), Image.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(small[0].numpy(), ref, atol=2.5 / 255)
+
+
+def test_folder_rejects_images_of_unknown_scale(tmp_path):
+    _write(tmp_path / "masks", "a.png", np.zeros((4, 5), np.uint8))
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((4, 5), 3000, np.int32), mode="I").save(tmp_path / "images" / "a.tif")
+    with pytest.raises(ValueError, match="32-bit integer"):
+        SegmentationFolder(tmp_path)[0]
+    Image.fromarray(np.full((4, 5), 7.5, np.float32), mode="F").save(tmp_path / "images" / "a.tif")
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        SegmentationFolder(tmp_path)[0]
+
+
+def test_folder_palette_masks_by_index(tmp_path):
+    """VOC-style palette masks hold indices {0, 1}; their luminance ({0, 38} here) is not them."""
+    _write(tmp_path / "images", "a.png", np.zeros((6, 6), np.uint8))
+    m = np.zeros((6, 6), np.uint8)
+    m[1:4, 2:5] = 1
+    pal = Image.fromarray(m, mode="P")
+    pal.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    (tmp_path / "masks").mkdir()
+    pal.save(tmp_path / "masks" / "a.png")
+    assert SegmentationFolder(tmp_path)[0][1].sum() == 9

@@ -6,9 +6,15 @@ Layout::
       images/   a.png  b.jpg  ...
       masks/    a.png  b.png  ...     (same stem as the image, plus an optional mask_suffix)
 
-Masks are read as single-channel images and must be binary: values {0, 1} or {0, 255} (or a
-single one of them). Anything else is an error, never a silent threshold, unless ``threshold``
-is given (then mask = value > threshold, on the 0..255 or 0..1 scale of the file).
+Images: 8-bit files (any Pillow mode: L, RGB, palette, ...) are converted by Pillow as usual;
+16-bit grayscale files are scaled by 1/65535 and float files (mode F, e.g. float TIFF) must
+already hold values in [0, 1]; 32-bit integer files are an error (their scale is unknown).
+Nothing is clipped or rounded to 8 bits on the way.
+
+Masks are read as single-channel images and must be binary: values {0, 1}, {0, 255} or, for
+16-bit files, {0, 65535} (or a single one of them). Palette masks are read by their indices.
+Anything else is an error, never a silent threshold, unless ``threshold`` is given (then mask =
+value > threshold, on the file's own scale: 0..255, 0..65535 or 0..1).
 """
 from __future__ import annotations
 
@@ -57,6 +63,26 @@ def _open_image(path: str):
         raise ValueError(f"cannot read image {path!r}: {exc}") from None
 
 
+def _deep_gray(im, path: str) -> np.ndarray | None:
+    """(H, W) float32 in [0, 1] of a 16-bit or float single-channel image, None for the 8-bit
+    modes (which Pillow converts). 32-bit integers and floats outside [0, 1] are errors."""
+    if im.mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32) / 65535.0
+    if im.mode == "I":
+        arr = np.asarray(im)
+        if im.format == "PNG" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+            return arr.astype(np.float32) / 65535.0       # a 16-bit PNG as older Pillow opens it
+        raise ValueError(f"image {path!r} has 32-bit integer pixels (mode 'I'), whose scale is "
+                         f"unknown; save it as 8- or 16-bit, or as float in [0, 1]")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise ValueError(f"image {path!r} has float pixels outside [0, 1] (range "
+                             f"[{np.nanmin(arr):g}, {np.nanmax(arr):g}]); rescale it to [0, 1]")
+        return arr
+    return None
+
+
 class SegmentationFolder(torch.utils.data.Dataset):
     """Image / mask pairs from ``root/<image_dir>`` and ``root/<mask_dir>`` (torch Dataset).
 
@@ -66,7 +92,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
         mask_suffix: the mask of ``x.png`` is ``<mask_dir>/x<mask_suffix>.<any ext>``.
         grayscale: images as (1, H, W) (default) or RGB (3, H, W).
         size: optional (H, W) or int: images are resized bilinearly, masks by nearest neighbour.
-        threshold: None (default: masks must be binary) or a number to binarise soft masks.
+        threshold: None (default: masks must be binary) or a number to binarise soft masks
+            (mask = value > threshold on the file's scale).
 
     Returns per item ``(image, mask)``: image float32 (1 or 3, H, W) in [0, 1], mask float32
     (1, H, W) of 0/1. Construction fails with ValueError for a missing or empty folder, images
@@ -137,27 +164,37 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def _load_mask(self, path: str) -> np.ndarray:
         im = _open_image(path)
-        arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
+        raw = im.mode in ("L", "1", "I", "F", "P") or im.mode.startswith("I;16")
+        arr = np.asarray(im if raw else im.convert("L"))    # palette: the indices
         arr = arr.astype(np.float64)
         if self.threshold is not None:
             return (arr > self.threshold).astype(np.float32)
         values = np.unique(arr)
         if np.all(np.isin(values, (0.0, 1.0))):
             return arr.astype(np.float32)
-        if np.all(np.isin(values, (0.0, 255.0))):
-            return (arr > 0).astype(np.float32)
+        for on in (255.0, 65535.0):
+            if np.all(np.isin(values, (0.0, on))):
+                return (arr > 0).astype(np.float32)
         raise ValueError(f"mask {path!r} is not binary: values {values[:6].tolist()}"
-                         f"{'...' if len(values) > 6 else ''}; expected {{0, 1}} or {{0, 255}} "
-                         f"(or pass threshold=...)")
+                         f"{'...' if len(values) > 6 else ''}; expected {{0, 1}}, {{0, 255}} or "
+                         f"{{0, 65535}} (or binarise with threshold=... / --mask-threshold)")
 
     def __getitem__(self, index: int):
         from PIL import Image
 
         ip, mp = self.pairs[index]
-        im = _open_image(ip).convert("L" if self.grayscale else "RGB")
-        if self.size is not None:
-            im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
+        im = _open_image(ip)
+        deep = _deep_gray(im, ip)
+        if deep is None:                                  # 8-bit: Pillow converts and resizes
+            im = im.convert("L" if self.grayscale else "RGB")
+            if self.size is not None:
+                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+        else:                                             # 16-bit / float: resized in float
+            if self.size is not None:
+                deep = np.asarray(Image.fromarray(deep, mode="F").resize(
+                    (self.size[1], self.size[0]), Image.BILINEAR)).clip(0.0, 1.0)
+            arr = deep if self.grayscale else np.repeat(deep[..., None], 3, axis=2)
         mask = self._load_mask(mp)
         if self.size is not None:
             mim = Image.fromarray((mask * 255).astype(np.uint8)).resize(
