@@ -118,6 +118,8 @@ def test_metrics_empty_prediction_is_a_finite_worst_case():
     diag = math.hypot(10, 10)
     assert m["dice"].item() == 0.0 and m["empty_pred"].item() == 1.0
     assert m["hd95"].item() == pytest.approx(diag) and m["bd"].item() == pytest.approx(diag)
+    # dropping an object must not look "more convex": an empty prediction has solidity 0
+    assert m["solidity"].item() == 0.0 and m["gt_solidity"].item() == 1.0
 
 
 def test_metrics_concave_solidity_matches_skimage():
@@ -185,7 +187,8 @@ def test_folder_dataset_trains_and_evaluates(tmp_path):
     cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), prior="cf",
                       **{**TINY, "train_length": None, "size": 24})
     train(cfg, str(tmp_path / "run"), progress=False)
-    result = evaluate(str(tmp_path / "run" / CHECKPOINT_NAME), None, progress=False)
+    with pytest.warns(UserWarning, match="no --val-root"):
+        result = evaluate(str(tmp_path / "run" / CHECKPOINT_NAME), None, progress=False)
     assert result["n_images"] == 3
 
 
@@ -198,9 +201,23 @@ def test_folder_mask_size_mismatch_names_the_file(tmp_path):
 
 def test_folder_non_binary_mask_names_the_file(tmp_path):
     _write_folder(tmp_path / "data", mask_values=(0, 128))
-    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), **TINY)
-    with pytest.raises(ValueError, match=r"mask .*im0\.png.* is not binary"):
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), **{**TINY, "train_length": None})
+    with pytest.raises(ValueError, match=r"mask .*im0\.png.* is not binary.*--mask-threshold"):
         train(cfg, str(tmp_path / "run"), progress=False)
+    # --mask-threshold reaches the loader in training and evaluation
+    cfg = TrainConfig(dataset="folder", root=str(tmp_path / "data"), mask_threshold=100,
+                      **{**TINY, "train_length": None})
+    train(cfg, str(tmp_path / "run"), progress=False)
+    with pytest.warns(UserWarning, match="training folder"):
+        result = evaluate(str(tmp_path / "run" / CHECKPOINT_NAME), None, progress=False)
+    assert result["mean"]["gt_solidity"] == 1.0  # the 0/128 squares, binarised
+    # the folder evaluated is recorded, and the training folder is named as such
+    assert result["root"] == str(tmp_path / "data") and "training folder" in result["evaluated_on"]
+    # more images than the folder holds: an error, not a silent cap
+    big = TrainConfig(dataset="folder", root=str(tmp_path / "data"), mask_threshold=100,
+                      **{**TINY, "train_length": 8})
+    with pytest.raises(ValueError, match="asked for 8 images"):
+        train(big, str(tmp_path / "run8"), progress=False)
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):
@@ -219,6 +236,12 @@ def test_empty_folder_is_a_clear_error(tmp_path):
     (dict(batch_size=0), "batch_size must be"),
     (dict(dataset="folder"), "root: --dataset folder needs --root"),
     (dict(dataset="mnist"), "dataset must be one of"),
+    (dict(backend="gpu"), "backend must be one of"),
+    (dict(train_length=0), "train_length must be"),
+    (dict(prior="cf", prior_weight=1.5), "must be in \\[0, 1\\]"),
+    (dict(mask_threshold=0.5), "mask_threshold: only --dataset folder"),
+    (dict(norm="instance", size=16, depth=4), "depth: a depth-4 U-Net pools size 16 down to 1x1"),
+    (dict(norm="batch", size=16, depth=4, batch_size=1), "depth"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -233,6 +256,10 @@ def test_cli_errors_name_the_argument(tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["segment", "eval", "--checkpoint", str(tmp_path / "missing.pt"), "--out",
               str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="device"):
+        main(["segment", "train", "--steps", "1", "--device", "bogus", "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="mask_threshold"):
+        main(["segment", "train", "--mask-threshold", "0.5", "--out", str(tmp_path / "m")])
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="could not be read"):
         main(["segment", "eval", "--checkpoint", str(tmp_path / "bad.pt"), "--out",
@@ -247,7 +274,9 @@ def test_cli_train_eval_roundtrip(tmp_path, capsys):
                  "--batch-size", "2", "--size", "32", "--train-length", "4", "--depth", "1",
                  "--width", "4", "--out", str(out), "--no-progress"]) == 0
     assert main(["segment", "eval", "--checkpoint", str(out / CHECKPOINT_NAME), "--out",
-                 str(tmp_path / "eval"), "--length", "3", "--no-progress"]) == 0
+                 str(tmp_path / "eval"), "--length", "3", "--backend", "torch",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["backend"] == "torch"
     printed = capsys.readouterr().out
     assert "| Dice |" in printed and (tmp_path / "eval" / "overlays.png").exists()
 
@@ -270,5 +299,117 @@ def test_results_table(tmp_path):
     assert not (tmp_path / "shapes" / "cgpm" / "seed0" / CHECKPOINT_NAME).exists()
     # collecting again trains nothing and gives the same table
     again = run_table(str(tmp_path), datasets=("shapes",), priors=("none", "cgpm", "qc2"),
-                      seeds=(0, 1), progress=False, collect_only=True, **settings)
+                      seeds=(0, 1), progress=False, collect_only=True, eval_length=4, **settings)
     assert again["table"]["shapes"] == table
+    # runs made with other settings are never tabulated under the new ones
+    for change in ({"steps": 3}, {"lr": 1e-3}, {"eval_length": 5}):
+        kwargs = {**settings, "eval_length": 4, **change}
+        with pytest.raises(ValueError, match="made with other settings"):
+            run_table(str(tmp_path), datasets=("shapes",), priors=("none", "cgpm", "qc2"),
+                      seeds=(0,), progress=False, log=lambda *_: None, **kwargs)
+
+
+def test_table_cgpm_row_finishes_an_interrupted_none_run(tmp_path):
+    """The cgpm row evaluated whatever "none" checkpoint it found, even one left mid-training."""
+    from geokernels.segment.table import run_table
+
+    settings = {k: v for k, v in TINY.items() if k != "checkpoint_every"}
+    partial = TrainConfig(dataset="shapes", prior="none", seed=0, **{**settings, "steps": 1})
+    train(partial, str(tmp_path / "shapes" / "none" / "seed0"), progress=False)
+    result = run_table(str(tmp_path), datasets=("shapes",), priors=("cgpm",), seeds=(0,),
+                       progress=False, log=lambda *_: None, eval_length=4, **settings)
+    assert [r["steps_trained"] for r in result["runs"]] == [2]
+
+
+# ---- objectives (SPEC 2.3 / 2.5) ----------------------------------------------------------------
+
+def test_default_cf_and_cfss_objectives_are_the_spec_ones():
+    import torch.nn.functional as F
+
+    from geokernels import contour_flow_loss
+    from geokernels.models import CFSSNet
+    from geokernels.segment.train import build_model, ground_truth_flow, training_loss
+
+    x, y = (torch.stack(t) for t in zip(*[make_dataset("shapes", "train", size=32, length=2)[i]
+                                          for i in range(2)]))
+    flows = ground_truth_flow(y)
+    torch.manual_seed(0)
+    cfg = TrainConfig(prior="cf", **TINY)
+    assert cfg.base_loss == "bce" and cfg.prior_weight == 0.6
+    model = build_model(cfg)
+    loss, _ = training_loss(model, cfg, x, y, flows)
+    logits = model(x)
+    spec = 0.4 * F.binary_cross_entropy_with_logits(logits, y) + 0.6 * contour_flow_loss(logits, flows)
+    torch.testing.assert_close(loss, spec)
+    cfg = TrainConfig(prior="cfss", **TINY)
+    model = build_model(cfg)
+    assert cfg.base_loss == "bce" and isinstance(model, CFSSNet)
+    loss, _ = training_loss(model, cfg, x, y, flows)
+    torch.testing.assert_close(loss, model.loss({"image": x, "mask": y, "flow": flows})[0])
+    assert TrainConfig(prior="qc2").base_loss == "bce+dice"
+
+
+def test_old_cf_checkpoint_is_not_resumed_under_the_new_objective(tmp_path):
+    cfg = TrainConfig(prior="cf", **TINY)
+    train(cfg, str(tmp_path), progress=False)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    state["version"] = 1
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="version-1 objective"):
+        train(TrainConfig(prior="cf", **{**TINY, "steps": 3}), str(tmp_path), resume=True,
+              progress=False)
+
+
+# ---- backend, device, eval options -------------------------------------------------------------
+
+def test_backend_is_chosen_at_eval_and_resume_not_pinned_by_the_checkpoint(tmp_path):
+    """A model trained with one op backend (e.g. cuda on a GPU box) evaluates and resumes with
+    another; the eval backend defaults to "auto"."""
+    cfg = TrainConfig(prior="cfss", backend="torch", **TINY)
+    train(cfg, str(tmp_path), progress=False)
+    ckpt = str(tmp_path / CHECKPOINT_NAME)
+    a = evaluate(ckpt, None, refine="cgpm", length=2, progress=False)
+    b = evaluate(ckpt, None, refine="cgpm", length=2, backend="torch", progress=False)
+    assert a["backend"] == "auto" and b["backend"] == "torch"
+    for k in ("dice", "hd95"):
+        assert a["mean"][k] == pytest.approx(b["mean"][k], abs=1e-6)
+    train(TrainConfig(prior="cfss", backend="auto", **{**TINY, "steps": 3}), str(tmp_path),
+          resume=True, progress=False)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate(ckpt, None, length=2, backend="gpu", progress=False)
+
+
+def test_device_and_batch_size_errors_name_the_argument(tmp_path):
+    cfg = TrainConfig(prior="none", **TINY)
+    with pytest.raises(ValueError, match="device"):
+        train(cfg, str(tmp_path / "a"), device="bogus", progress=False)
+    train(cfg, str(tmp_path / "b"), progress=False)
+    ckpt = str(tmp_path / "b" / CHECKPOINT_NAME)
+    for kwargs, match in ((dict(device="tpu"), "device"), (dict(batch_size=0), "batch_size"),
+                          (dict(overlays=-1), "overlays"), (dict(length=0), "length")):
+        with pytest.raises(ValueError, match=match):
+            evaluate(ckpt, None, progress=False, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            evaluate(ckpt, None, device="cuda", progress=False)
+
+
+def test_eval_counts_empty_predictions_and_overlays_exactly(tmp_path):
+    from PIL import Image
+
+    from geokernels.segment.evaluate import format_markdown
+
+    # 15 of 22 empty: int(15 / 22 * 22) printed 14
+    legacy = {"dataset": "shapes", "prior": "none", "refine": "none", "checkpoint": "x",
+              "n_images": 22, "mean": {"dice": 0.5, "empty_pred": 15 / 22}}
+    assert "15 empty predictions" in format_markdown(legacy)
+    train(TrainConfig(prior="none", **TINY), str(tmp_path), progress=False)
+    res = evaluate(str(tmp_path / CHECKPOINT_NAME), str(tmp_path / "e"), length=6, overlays=5,
+                   progress=False)
+    assert res["n_empty_pred"] == round(res["mean"]["empty_pred"] * 6)
+    assert f"{res['n_empty_pred']} empty predictions" in (tmp_path / "e" / "metrics.md").read_text()
+    # 5 images: two rows of 4 tiles (the old code showed 4 images for --overlays 1..7)
+    h, w = Image.open(tmp_path / "e" / "overlays.png").size[::-1]
+    tile = 32 * 2 + 2
+    assert (h, w) == (2 * tile, 4 * tile)
+    assert not [f for f in os.listdir(tmp_path / "e") if f.endswith(".tmp")]

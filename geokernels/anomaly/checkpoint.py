@@ -34,8 +34,8 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, formats=(TRAIN_FORMAT, DETECTOR_FORMAT),
-                    map_location="cpu") -> dict:
-    """Load and sanity-check a checkpoint.
+                    map_location="cpu", max_version: int = FORMAT_VERSION) -> dict:
+    """Load and sanity-check a checkpoint (of one of ``formats``, version <= ``max_version``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
@@ -61,8 +61,8 @@ def load_checkpoint(path: str | os.PathLike, formats=(TRAIN_FORMAT, DETECTOR_FOR
         raise CheckpointError(
             f"checkpoint {path!r} is not a geokernels flow-matching checkpoint "
             f"(format {found!r}; expected one of {tuple(formats)})")
-    if int(obj.get("version", 0)) > FORMAT_VERSION:
+    if int(obj.get("version", 0)) > max_version:
         raise CheckpointError(
             f"checkpoint {path!r} has format version {obj.get('version')}, newer than this "
-            f"geokernels understands ({FORMAT_VERSION}); upgrade geokernels")
+            f"geokernels understands ({max_version}); upgrade geokernels")
     return obj

@@ -16,8 +16,9 @@ import argparse
 
 
 def _add_model_args(p, defaults):
-    p.add_argument("--base-loss", default=defaults.base_loss, choices=("bce", "dice", "bce+dice"),
-                   help="base segmentation loss (default %(default)s)")
+    p.add_argument("--base-loss", default=None, choices=("bce", "dice", "bce+dice"),
+                   help="base segmentation loss (default: bce for cf and cfss, the SPEC "
+                        "objectives; bce+dice for the other priors)")
     for flag, kind, help_text in (
             ("--steps", int, "optimiser steps"), ("--batch-size", int, "images per step"),
             ("--lr", float, "Adam learning rate"), ("--size", int, "image side in pixels"),
@@ -32,11 +33,19 @@ def _add_model_args(p, defaults):
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     p.add_argument("--norm", default=defaults.norm, choices=("batch", "instance", "group", "none"),
                    help="U-Net normalisation (default %(default)s)")
-    p.add_argument("--backend", default="auto", help="op backend: auto|cuda|triton|cpu|torch")
+    _add_backend_arg(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _add_backend_arg(p) -> None:
+    from geokernels._backend import BACKENDS
+
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="op backend of the priors, CGPM and CFSS (default %(default)s: the best "
+                        "for the device)")
 
 
 def _config_kwargs(args) -> dict:
@@ -62,7 +71,8 @@ def _train(args) -> int:
     try:
         cfg = TrainConfig(dataset=args.dataset, root=args.root, val_root=args.val_root,
                           prior=args.prior, prior_weight=args.prior_weight, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, **_config_kwargs(args))
+                          checkpoint_every=args.checkpoint_every,
+                          mask_threshold=args.mask_threshold, **_config_kwargs(args))
         info = train(cfg, args.out, resume=args.resume, progress=not args.no_progress,
                      device=args.device)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:
@@ -80,7 +90,7 @@ def _eval(args) -> int:
     try:
         result = evaluate(args.checkpoint, args.out, refine=args.refine, length=args.length,
                           root=args.root, batch_size=args.batch_size, cgpm_steps=args.cgpm_steps,
-                          overlays=args.overlays, device=args.device,
+                          overlays=args.overlays, device=args.device, backend=args.backend,
                           progress=not args.no_progress)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -124,11 +134,17 @@ def add_parser(sub) -> None:
     p = ssub.add_parser("train", help="train a U-Net with a shape prior")
     p.add_argument("--dataset", default="shapes", choices=DATASETS)
     p.add_argument("--root", default=None, help="--dataset folder: folder with images/ and masks/")
-    p.add_argument("--val-root", default=None, help="--dataset folder: evaluation folder (default --root)")
+    p.add_argument("--val-root", default=None,
+                   help="--dataset folder: evaluation folder (default: the training folder, "
+                        "with a warning)")
+    p.add_argument("--mask-threshold", type=float, default=None,
+                   help="--dataset folder: binarise soft masks (e.g. JPEG) as value > T on the "
+                        "file's scale (0..255, 0..65535 or 0..1); default: masks must be binary")
     p.add_argument("--prior", default="none", choices=PRIORS)
     p.add_argument("--prior-weight", type=float, default=None,
-                   help="weight W of the prior (default per prior: qc1 10, qc2 3, cf 0.5, cfss 0.1 "
-                        "(the flow term alpha), cgpm 1.0 (the CGPM loss weight at eval))")
+                   help="weight W of the prior (default per prior: qc1 10, qc2 3, cf 0.6 (the "
+                        "objective is (1 - W) BCE + W L: SPEC lambda = 0.4), cfss 0.1 (the flow "
+                        "term alpha), cgpm 1.0 (the CGPM loss weight at eval))")
     p.add_argument("--seed", type=int, default=0, help="weights init and batch order (default 0)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, config.json, train_log.json)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -145,9 +161,11 @@ def add_parser(sub) -> None:
     p.add_argument("--cgpm-steps", type=int, default=None, help="override the CGPM steps")
     p.add_argument("--length", type=int, default=None, help="test images (default: all / preset)")
     p.add_argument("--root", default=None, help="folder models: evaluate on this folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per forward pass (default %(default)s; CGPM averages over it)")
     p.add_argument("--overlays", type=int, default=16, help="images in overlays.png (0 = none)")
-    p.add_argument("--device", default=None)
+    _add_backend_arg(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)

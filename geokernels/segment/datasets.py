@@ -24,20 +24,32 @@ DEFAULT_LENGTH = {"shapes": {"train": 512, "test": 64}, "coins": {"train": 360, 
 
 
 def make_dataset(name: str, split: str, *, size: int = 64, length: int | None = None,
-                 data_seed: int = 0, root: str | None = None) -> torch.utils.data.Dataset:
+                 data_seed: int = 0, root: str | None = None,
+                 threshold: float | None = None) -> torch.utils.data.Dataset:
     """The named dataset's ``split`` ("train" or "test") as a torch Dataset of (image, mask)
-    pairs: image float32 (C, size, size) in [0, 1], mask float32 (1, size, size) of 0/1."""
+    pairs: image float32 (C, size, size) in [0, 1], mask float32 (1, size, size) of 0/1.
+    ``length`` (default: the whole folder / the preset) must not exceed a folder's images;
+    ``threshold`` binarises a folder's soft masks (see SegmentationFolder)."""
     from geokernels.data import CoinsSegmentation, SegmentationFolder, SyntheticShapes
 
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+        raise ValueError(f"length must be an int >= 1 or None, got {length!r}")
     if name == "folder":
         if root is None:
             raise ValueError("root: --dataset folder needs --root (a folder with images/ and masks/)")
-        ds = SegmentationFolder(root, size=size)
-        return ds if length is None else torch.utils.data.Subset(ds, range(min(length, len(ds))))
+        ds = SegmentationFolder(root, size=size, threshold=threshold)
+        if length is None:
+            return ds
+        if length > len(ds):
+            raise ValueError(f"length: asked for {length} images (--train-length / --length) "
+                             f"but {root!r} holds {len(ds)}")
+        return torch.utils.data.Subset(ds, range(length))
+    if threshold is not None:
+        raise ValueError(f"threshold: only the folder dataset reads mask files (got {name!r})")
     n = DEFAULT_LENGTH[name][split] if length is None else length
     if name == "shapes":
         seed = data_seed if split == "train" else TEST_SEED_OFFSET + data_seed

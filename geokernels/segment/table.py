@@ -7,8 +7,9 @@ projection, so training a second identical network would only repeat "none"). Ea
 the mean +- standard deviation over seeds of the per-seed test-set means.
 
 Runs already present under ``out_dir`` (a ``metrics.json`` per run) are reused, so an
-interrupted table resumes. ``out_dir/results.md`` and ``results.json`` are rewritten after every
-run.
+interrupted table resumes; a run made with other settings (steps, lr, data, ...) is an error,
+never silently tabulated under the new settings. ``out_dir/results.md`` and ``results.json`` are
+rewritten after every run.
 """
 from __future__ import annotations
 
@@ -27,6 +28,25 @@ LOWER_IS_BETTER = {"hd95", "bd", "bdsd"}
 
 def _run_dir(out_dir, dataset, prior, seed):
     return os.path.join(out_dir, dataset, prior, f"seed{seed}")
+
+
+def _check_reusable(path: str, run: dict, cfg, eval_length) -> None:
+    """ValueError unless the finished run in ``path`` was made with ``cfg`` (up to the op
+    backend and checkpoint interval) and evaluated on ``eval_length`` images."""
+    from geokernels.segment.train import TrainConfig
+
+    saved = run.get("train_config")
+    if saved is None:
+        raise ValueError(f"out: {path} records no training settings (written by an older "
+                         f"geokernels); use another --out")
+    fields = TrainConfig.__dataclass_fields__
+    diff = [f"{k}={saved.get(k, fields[k].default)!r} (now {v!r})" for k, v in cfg.as_dict().items()
+            if k not in ("checkpoint_every", "backend") and saved.get(k, fields[k].default) != v]
+    if run.get("eval_length") != eval_length:
+        diff.append(f"eval_length={run.get('eval_length')!r} (now {eval_length!r})")
+    if diff:
+        raise ValueError(f"out: {path} holds a run made with other settings: {', '.join(diff)}; "
+                         f"use another --out (or the same settings to resume the table)")
 
 
 def run_table(out_dir: str, *, datasets=("shapes", "coins"),
@@ -52,30 +72,29 @@ def run_table(out_dir: str, *, datasets=("shapes", "coins"),
             for prior in priors:
                 run_dir = _run_dir(out_dir, dataset, prior, seed)
                 metrics_path = os.path.join(run_dir, "metrics.json")
+                # the cgpm row refines the "none" model: same training settings
+                cfg = TrainConfig(dataset=dataset, prior="none" if prior == "cgpm" else prior,
+                                  seed=seed, **train_kwargs)
                 if os.path.exists(metrics_path):
                     with open(metrics_path) as fh:
-                        runs.append(json.load(fh))
+                        run = json.load(fh)
+                    _check_reusable(metrics_path, run, cfg, eval_length)
+                    runs.append(run)
                     continue
                 if collect_only:
                     continue
                 t0 = time.perf_counter()
-                if prior == "cgpm":  # CGPM refinement of the "none" model
-                    ckpt = os.path.join(_run_dir(out_dir, dataset, "none", seed), "checkpoint.pt")
-                    if not os.path.exists(ckpt):
-                        cfg = TrainConfig(dataset=dataset, prior="none", seed=seed, **train_kwargs)
-                        train(cfg, os.path.dirname(ckpt), progress=progress, log=log)
-                    result = evaluate(ckpt, None, refine="cgpm", length=eval_length,
-                                      progress=progress)
-                    train_seconds = None
-                else:
-                    cfg = TrainConfig(dataset=dataset, prior=prior, seed=seed, **train_kwargs)
-                    ckpt = os.path.join(run_dir, "checkpoint.pt")
-                    resume = os.path.exists(ckpt)
-                    info = train(cfg, run_dir, resume=resume, progress=progress, log=log)
-                    train_seconds = info["seconds"]
-                    result = evaluate(ckpt, None, length=eval_length, progress=progress)
+                train_dir = _run_dir(out_dir, dataset, "none", seed) if prior == "cgpm" else run_dir
+                ckpt = os.path.join(train_dir, "checkpoint.pt")
+                # resume=True also finishes (or refuses, on other settings) a checkpoint left by
+                # an interrupted run; a finished one is reloaded as it is
+                info = train(cfg, train_dir, resume=os.path.exists(ckpt), progress=progress,
+                             log=log)
+                result = evaluate(ckpt, None, refine="cgpm" if prior == "cgpm" else "none",
+                                  length=eval_length, progress=progress)
+                train_seconds = None if prior == "cgpm" else info["seconds"]
                 result.update(prior=prior, seed=seed, train_seconds=train_seconds,
-                              seconds=time.perf_counter() - t0)
+                              eval_length=eval_length, seconds=time.perf_counter() - t0)
                 os.makedirs(run_dir, exist_ok=True)
                 write_json_atomic(metrics_path, result)   # exists() above means finished
                 runs.append(result)

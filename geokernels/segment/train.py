@@ -1,6 +1,7 @@
 """Training a segmentation U-Net with a shape prior (``geokernels segment train``).
 
-Objective per prior (``W`` = ``prior_weight``, ``base`` = BCE-with-logits, soft Dice, or both):
+Objective per prior (``W`` = ``prior_weight``; ``base`` = BCE-with-logits, soft Dice or both,
+``base_loss``; by default BCE for cf and cfss, as SPEC 2.3/2.5 train them, BCE + Dice otherwise):
 
 =========  ==================================================================================
 none       ``base(logits, mask)``
@@ -9,21 +10,24 @@ qc2        ``base + W * qc2_loss(sigmoid(logits))``                      (SPEC 1
 cgpm       ``base`` in training; at evaluation the logits are refined by CGPM (SPEC 1.5) with
            ``weight = W``, ``steps = cgpm_steps``: the parameter-free module is an inference-time
            projection, so a "cgpm" model is trained exactly like "none" (same budget)
-cf         ``base + W * contour_flow_loss(logits, F_gt)``                (SPEC 2.3; F_gt = the
+cf         ``(1 - W) * base + W * contour_flow_loss(logits, F_gt)``      (SPEC 2.3: lambda * BCE +
+           (1 - lambda) * L with lambda = 1 - W = 0.4 by default; 0 <= W <= 1; F_gt = the
            ground-truth contour flow of the mask, SPEC 2.2)
 cfss       CFSSNet (SPEC 2.5): the U-Net has 3 output channels (logit o + flow); the unrolled CFSS
            iterations give z; loss ``base(z, mask) + W * mean(1 - cos(F_hat, F_gt))``
            (= ``CFSSNet.loss`` for base "bce"; the paper's alpha is W = 0.1)
 =========  ==================================================================================
 
-Batches are drawn with a generator keyed on (seed, step), so a run resumed from a checkpoint
-continues exactly as the uninterrupted run would have. Checkpoints (``DIR/checkpoint.pt``) are
-written atomically (temp file + ``os.replace``) every ``checkpoint_every`` steps and at the end.
+Batches are drawn with a generator keyed on (seed, step), so on the CPU a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have. On CUDA training sets cuDNN to
+deterministic algorithms, but the backward of the U-Net's bilinear upsampling accumulates with
+atomics there, so CUDA runs (and resumed ones) agree only up to float rounding. Checkpoints
+(``DIR/checkpoint.pt``), ``config.json`` and ``train_log.json`` are written atomically (temp file
++ ``os.replace``); checkpoints every ``checkpoint_every`` steps and at the end.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -33,13 +37,18 @@ import torch
 import torch.nn.functional as F
 
 PRIORS = ("none", "qc1", "qc2", "cgpm", "cf", "cfss")
+NORMS = ("batch", "instance", "group", "none")
 BASE_LOSSES = ("bce", "dice", "bce+dice")
 # prior weights used when --prior-weight is not given; chosen a priori from the loss scales
-# (each prior term about 10-20 % of the BCE+Dice base loss of an untrained U-Net; cfss: the
-# paper's alpha), never tuned on test data
-DEFAULT_PRIOR_WEIGHTS = {"none": 0.0, "qc1": 10.0, "qc2": 3.0, "cgpm": 1.0, "cf": 0.5, "cfss": 0.1}
+# (each qc term about 10-20 % of the BCE+Dice base loss of an untrained U-Net; cf: SPEC 2.3's
+# lambda = 0.4; cfss: the paper's alpha), never tuned on test data
+DEFAULT_PRIOR_WEIGHTS = {"none": 0.0, "qc1": 10.0, "qc2": 3.0, "cgpm": 1.0, "cf": 0.6, "cfss": 0.1}
+# base loss when --base-loss is not given: the SPEC objectives of cf (2.3) and CFSSnet (2.5) use
+# BCE alone; the other priors add soft Dice
+DEFAULT_BASE_LOSS = {"cf": "bce", "cfss": "bce"}
 TRAIN_FORMAT = "geokernels.segment.train"
-FORMAT_VERSION = 1
+# version 2: cf trains (1 - W) * base + W * L (version 1: base + W * L)
+FORMAT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -52,7 +61,7 @@ class TrainConfig:
     val_root: str | None = None       # folder datasets: evaluation folder (default: root)
     prior: str = "none"
     prior_weight: float | None = None  # None: DEFAULT_PRIOR_WEIGHTS[prior]
-    base_loss: str = "bce+dice"
+    base_loss: str | None = None       # None: DEFAULT_BASE_LOSS.get(prior, "bce+dice")
     steps: int = 300
     batch_size: int = 8
     lr: float = 2e-3
@@ -68,6 +77,7 @@ class TrainConfig:
     cgpm_steps: int = 100
     checkpoint_every: int = 100
     backend: str = "auto"
+    mask_threshold: float | None = None  # folder datasets: binarise soft masks (value > t)
 
     def __post_init__(self):
         from geokernels.segment.datasets import DATASETS
@@ -76,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.base_loss is None:
+            self.base_loss = DEFAULT_BASE_LOSS.get(self.prior, "bce+dice")
         if self.base_loss not in BASE_LOSSES:
             raise ValueError(f"base_loss must be one of {BASE_LOSSES}, got {self.base_loss!r}")
         for name in ("steps", "batch_size", "size", "width", "cfss_iters", "checkpoint_every"):
@@ -86,12 +98,38 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        v = self.train_length
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"train_length must be an int >= 1 or None, got {v!r}")
+        from geokernels._backend import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        bottom = self.size
+        for _ in range(self.depth):
+            bottom = -(-bottom // 2)                     # the U-Net pools with ceil_mode
+        if self.norm == "instance" and bottom < 2 or self.norm == "batch" and \
+                bottom * bottom * self.batch_size < 2:
+            raise ValueError(f"depth: a depth-{self.depth} U-Net pools size {self.size} down to "
+                             f"{bottom}x{bottom}, too small for {self.norm} norm at batch size "
+                             f"{self.batch_size}; lower --depth or raise --size")
         if self.prior_weight is None:
             self.prior_weight = DEFAULT_PRIOR_WEIGHTS[self.prior]
         w = self.prior_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"prior_weight must be a finite number >= 0, got {w!r}")
         self.prior_weight = float(w)
+        if self.prior == "cf" and w > 1:
+            raise ValueError(f"prior_weight of prior cf is 1 - lambda of (1 - W) * base + W * L, "
+                             f"so it must be in [0, 1], got {w!r}")
+        t = self.mask_threshold
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ValueError(f"mask_threshold must be a finite number or None, got {t!r}")
+            if self.dataset != "folder":
+                raise ValueError("mask_threshold: only --dataset folder reads mask files")
+            self.mask_threshold = float(t)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.dataset == "folder" and not self.root:
@@ -158,7 +196,7 @@ def training_loss(model, cfg: TrainConfig, images, masks, flows=None) -> tuple[t
             prior = None
     if prior is None:
         return base, {"base": float(base.detach()), "prior": 0.0}
-    total = base + W * prior
+    total = (1 - W) * base + W * prior if cfg.prior == "cf" else base + W * prior
     if not torch.isfinite(total):
         raise FloatingPointError(f"non-finite training loss (base {float(base)}, prior "
                                  f"{float(prior)}); lower --lr or --prior-weight")
@@ -176,7 +214,7 @@ def load_checkpoint(path) -> dict:
     from geokernels.anomaly.checkpoint import load_checkpoint as _load
 
     try:
-        obj = _load(path, formats=(TRAIN_FORMAT,))
+        obj = _load(path, formats=(TRAIN_FORMAT,), max_version=FORMAT_VERSION)
     except CheckpointError as exc:
         raise CheckpointError(str(exc).replace("flow-matching", "segmentation")) from None
     return obj
@@ -190,12 +228,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
     ``steps`` and ``checkpoint_every``). Without ``resume`` an existing checkpoint is an error
     (never overwritten silently). Returns ``{"checkpoint", "steps", "history", "seconds"}``.
     """
-    from tqdm.auto import tqdm
-
+    from geokernels._files import write_json_atomic
     from geokernels.anomaly.checkpoint import save_atomic
+    from geokernels.demo import resolve_device
     from geokernels.segment.datasets import make_dataset, materialise
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME)
     state = None
@@ -206,7 +244,12 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
         state = load_checkpoint(ckpt_path)
         saved = dict(state["config"])
         mine = cfg.as_dict()
-        diff = [k for k in mine if k not in ("steps", "checkpoint_every") and saved.get(k) != mine[k]]
+        # the op backend is free: every backend computes the same numbers (to float rounding)
+        diff = [k for k in mine if k not in ("steps", "checkpoint_every", "backend")
+                and saved.get(k, TrainConfig.__dataclass_fields__[k].default) != mine[k]]
+        if cfg.prior == "cf" and int(state.get("version", 1)) < 2:
+            raise ValueError("resume: this cf checkpoint was trained with the version-1 objective "
+                             "base + W * L (now (1 - W) * base + W * L, SPEC 2.3); start a new run")
         if diff:
             raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(
                 f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in diff))
@@ -215,7 +258,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
 
     torch.manual_seed(cfg.seed)
     data = make_dataset(cfg.dataset, "train", size=cfg.size, length=cfg.train_length,
-                        data_seed=cfg.data_seed, root=cfg.root)
+                        data_seed=cfg.data_seed, root=cfg.root, threshold=cfg.mask_threshold)
     images, masks = materialise(data, progress=progress, desc=f"{cfg.dataset} train set")
     flows = ground_truth_flow(masks) if cfg.prior in ("cf", "cfss") else None
     model = build_model(cfg, in_channels=images.shape[1]).to(device)
@@ -228,8 +271,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
         if cfg.steps < start:
             raise ValueError(f"steps: the checkpoint is already at step {start}; pass --steps >= "
                              f"{start} to continue it (got {cfg.steps})")
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(cfg.as_dict(), fh, indent=2)
+    write_json_atomic(os.path.join(out_dir, "config.json"), cfg.as_dict())
 
     def save(step):
         save_atomic({"format": TRAIN_FORMAT, "version": FORMAT_VERSION, "config": cfg.as_dict(),
@@ -238,6 +280,24 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
 
     t0 = time.perf_counter()
     model.train()
+    cudnn = torch.backends.cudnn
+    saved_cudnn = cudnn.deterministic, cudnn.benchmark
+    if device.type == "cuda":   # fixed conv algorithms (the bilinear backward stays atomic)
+        cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        _train_steps(model, cfg, opt, images, masks, flows, device, start, history, save,
+                     progress)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved_cudnn
+    save(cfg.steps)
+    write_json_atomic(os.path.join(out_dir, "train_log.json"), history, indent=None)
+    return {"checkpoint": ckpt_path, "steps": cfg.steps, "history": history,
+            "seconds": time.perf_counter() - t0}
+
+
+def _train_steps(model, cfg, opt, images, masks, flows, device, start, history, save, progress):
+    from tqdm.auto import tqdm
+
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc=f"train {cfg.dataset}/{cfg.prior} seed {cfg.seed}", leave=False)
     for step in bar:
@@ -254,8 +314,3 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
-    save(cfg.steps)
-    with open(os.path.join(out_dir, "train_log.json"), "w") as fh:
-        json.dump(history, fh)
-    return {"checkpoint": ckpt_path, "steps": cfg.steps, "history": history,
-            "seconds": time.perf_counter() - t0}
