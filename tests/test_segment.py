@@ -413,3 +413,12 @@ def test_eval_counts_empty_predictions_and_overlays_exactly(tmp_path):
     tile = 32 * 2 + 2
     assert (h, w) == (2 * tile, 4 * tile)
     assert not [f for f in os.listdir(tmp_path / "e") if f.endswith(".tmp")]
+
+
+def test_table_with_one_seed_shows_no_spread():
+    from geokernels.segment.table import format_table
+
+    row = {k: (0.5, 0.0, 1) for k in ("dice", "iou", "hd95", "bd", "solidity", "gt_solidity",
+                                      "empty_pred")}
+    md = format_table({"shapes": {"none": row}})
+    assert "0.5000 ± n/a" in md and "± 0.0000" not in md

@@ -107,7 +107,7 @@ def _table(args) -> int:
     argv = ["--out", args.out, "--datasets", *args.datasets, "--priors", *args.priors,
             "--seeds", *map(str, args.seeds)]
     for key, value in kwargs.items():
-        if value is not None and key != "backend":
+        if value is not None and not (key == "backend" and value == "auto"):
             argv += ["--" + key.replace("_", "-"), str(value)]
     try:
         result = run_table(args.out, datasets=args.datasets, priors=args.priors, seeds=args.seeds,

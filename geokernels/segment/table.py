@@ -139,6 +139,11 @@ def paired_differences(runs, datasets, priors, baseline: str = "none") -> dict:
     return out
 
 
+def _pm(mean: float, std: float, n: int, sign: bool = False) -> str:
+    """"mean ± std" over n seeds; one seed has no spread ("± n/a", not "± 0.0000")."""
+    return f"{mean:{'+' if sign else ''}.4f} ± " + (f"{std:.4f}" if n > 1 else "n/a")
+
+
 def format_table(table: dict, command: str | None = None, settings: dict | None = None,
                  deltas: dict | None = None) -> str:
     titles = {"dice": "Dice ↑", "iou": "IoU ↑", "hd95": "HD95 ↓", "bd": "BD ↓",
@@ -157,7 +162,7 @@ def format_table(table: dict, command: str | None = None, settings: dict | None 
         for p, vals in rows.items():
             n = vals["dice"][2]
             lines.append(f"| {p} | {n} | " + " | ".join(
-                f"{vals[k][0]:.4f} ± {vals[k][1]:.4f}" for k in TABLE_METRICS) + " |")
+                _pm(vals[k][0], vals[k][1], n) for k in TABLE_METRICS) + " |")
         lines.append("")
         if deltas and d in deltas:
             lines += [f"Paired differences vs no prior ({d}; prior − none on the same seed, "
@@ -166,7 +171,8 @@ def format_table(table: dict, command: str | None = None, settings: dict | None 
                       + " |", "|---|---:|" + "---:|" * len(TABLE_METRICS)]
             for p, vals in deltas[d].items():
                 lines.append(f"| {p} | {vals['dice'][2]} | " + " | ".join(
-                    f"{vals[k][0]:+.4f} ± {vals[k][1]:.4f}" for k in TABLE_METRICS) + " |")
+                    _pm(vals[k][0], vals[k][1], vals[k][2], sign=True) for k in TABLE_METRICS)
+                    + " |")
             lines.append("")
     lines += ["HD95, BD in pixels (an empty prediction counts as the image diagonal). Solidity = "
               "area / convex-hull area of the predicted mask (1 = convex).", ""]
@@ -177,6 +183,8 @@ def _write(out_dir, runs, datasets, priors, seeds, command, train_kwargs) -> dic
     table = aggregate(runs, datasets, priors)
     deltas = paired_differences(runs, datasets, priors)
     settings = dict(train_kwargs)
+    if settings.get("base_loss", "default") is None:
+        settings["base_loss"] = "per prior (cf, cfss: bce; others: bce+dice)"
     settings["seeds"] = list(seeds)
     result = {"command": command, "settings": settings, "table": table, "deltas_vs_none": deltas,
               "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in runs]}
