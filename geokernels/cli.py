@@ -82,11 +82,14 @@ def _info_parser(sub):
 
 
 def _bench(args) -> int:
-    import torch
-
     from geokernels import benchmark
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from geokernels.demo import resolve_device
+
+    try:
+        device = str(resolve_device(args.device or "auto"))
+    except ValueError as exc:
+        raise SystemExit(f"error: --{exc}") from None
     done: list = []
 
     def on_case(rows):  # a run killed by a time limit keeps what it measured

@@ -360,6 +360,39 @@ def _set_threads(args):
         torch.set_num_threads(int(args.threads))
 
 
+def _user_errors(command):
+    """Run an ``anomaly`` command with bad input (an unknown category, a missing dataset file, a
+    device this machine lacks, an out-of-range option, ...) as a one-line ``error:`` exit instead
+    of a traceback: the library raises ValueError/FileNotFoundError naming the culprit."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            if getattr(args, "device", None) is not None:
+                from geokernels.demo import resolve_device
+
+                resolve_device(args.device)
+            return command(args)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+    return run
+
+
+def _positive(low: int):
+    """argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def cmd_eval(args) -> int:
     _set_threads(args)
     for sigma in args.report_smoothing or ():
@@ -492,11 +525,14 @@ def cmd_score(args) -> int:
         from PIL import Image
 
         vmax = float(heats.max()) or 1.0
-        for p, img, h in zip(args.images, images, heats):
-            stem = os.path.splitext(os.path.basename(p))[0]
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in args.images]
+        unique = len(set(stems)) == len(stems)   # MVTec names 000.png in every defect folder
+        for i, (row, img, h) in enumerate(zip(rows, images, heats)):
+            name = f"{stems[i]}_heatmap" if unique else f"{i:04d}_{stems[i]}_heatmap"
             Image.fromarray(overlay_tiles(img, h, None, vmax)).save(
-                os.path.join(args.out, f"{stem}_heatmap.png"))
-            np.save(os.path.join(args.out, f"{stem}_heatmap.npy"), h.numpy())
+                os.path.join(args.out, name + ".png"))
+            np.save(os.path.join(args.out, name + ".npy"), h.numpy())
+            row["heatmap"] = name + ".npy"
         write_json_atomic(os.path.join(args.out, "scores.json"),
                           {"checkpoint": source, "method": args.method, "scores": rows})
     return 0
@@ -675,7 +711,7 @@ def _common(p, checkpoint=True):
     p.add_argument("--paths-per-call", dest="paths_per_call", type=_paths_per_call, default=None,
                    help="rows per model call: auto (2K on CPU, all elsewhere), all, or N")
     p.add_argument("--seed", type=int, default=None, help="scoring noise seed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive(1), default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -685,9 +721,14 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="anomaly_command", required=True)
 
-    t = sub.add_parser("train", help="train the velocity U-Net on normal images")
+    from geokernels.models.velocity_unet import PRESETS
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = sub.add_parser("train", help="train the velocity U-Net on normal images",
+                       formatter_class=fmt)
     t.add_argument("--config", default=None,
-                   help="JSON file of these options (keys as in train_log.json 'options'), or "
+                   help="JSON file of these options (keys as in train_log.json's "
+                        "metadata.options), or "
                         "the name of a config shipped in geokernels/assets (e.g. textures); "
                         "flags given on the command line override it")
     t.add_argument("--dataset", choices=DATASETS, default="textures")
@@ -696,66 +737,78 @@ def add_parser(subparsers) -> None:
     t.add_argument("--mode", choices=("conditional", "per-category", "single", "pooled"),
                    default=None, help="one class-conditional model (default for several "
                    "categories), one model per category, or one unconditional model")
-    t.add_argument("--image-size", type=int, default=128)
+    t.add_argument("--image-size", type=_positive(8), default=128,
+                   help="training resolution in pixels (the shipped textures recipe uses 64)")
     t.add_argument("--num-train", type=int, default=None, help="textures: training crops/category")
     t.add_argument("--data-seed", type=int, default=0, help="textures: dataset seed")
     t.add_argument("--holdout", type=int, default=0,
                    help="MVTec/VisA: keep the last N train images out (calibrated variant)")
-    t.add_argument("--preset", default="tiny", help="tiny | small | base | paper")
-    t.add_argument("--base-width", type=int, default=None)
-    t.add_argument("--channel-mults", type=int, nargs="+", default=None)
-    t.add_argument("--blocks-per-level", type=int, default=None)
-    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                   help="VelocityUNet size (paper: the paper's scale)")
+    t.add_argument("--base-width", type=int, default=None, help="override the preset's width")
+    t.add_argument("--channel-mults", type=int, nargs="+", default=None,
+                   help="override the preset's channel multipliers per level")
+    t.add_argument("--blocks-per-level", type=int, default=None,
+                   help="override the preset's residual blocks per level")
+    t.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=32, help="global batch (all GPUs)")
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument("--ema-decay", type=float, default=0.999)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--augment", choices=("none", "flip", "flip+rot90"), default="none")
-    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then cosine")
+    t.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    t.add_argument("--augment", choices=("none", "flip", "flip+rot90"), default="none",
+                   help="training augmentation")
+    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    t.add_argument("--seed", type=int, default=0, help="weights and batches")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     t.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="lower --steps after a short probe so training ends within this many "
                         "minutes (split evenly over categories in per-category mode)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train*.pt")
-    t.add_argument("--device", default=None)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--compile-train", action="store_true", help="torch.compile the training step")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--threads", type=_positive(1), default=None, help="torch CPU threads")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, help="output folder (checkpoints, detector.pt, log)")
-    t.set_defaults(func=cmd_train, _defaults={a.dest: a.default for a in t._actions})
+    t.set_defaults(func=_user_errors(cmd_train), _defaults={a.dest: a.default for a in t._actions})
     _record_explicit_flags(t)
 
-    s = sub.add_parser("score", help="score image files; print one score per image")
+    s = sub.add_parser("score", help="score image files; print one score per image",
+                       formatter_class=fmt)
     s.add_argument("images", nargs="+", help="image files (resized to the model's size)")
     s.add_argument("--category", default=None,
                    help="the class to condition on (needed when the checkpoint holds several)")
     s.add_argument("--method", default="mismatch", choices=("mismatch", "reconstruction"))
-    s.add_argument("--out", default=None, help="folder for heatmap PNG/NPY files and scores.json")
+    s.add_argument("--out", default=None,
+                   help="folder for heatmap PNG/NPY files and scores.json (which names each "
+                        "image's heatmap)")
     _common(s)
-    s.set_defaults(func=cmd_score)
+    s.set_defaults(func=_user_errors(cmd_score))
 
-    e = sub.add_parser("eval", help="per-category metrics table, JSON and heatmap overlays")
+    e = sub.add_parser("eval", help="per-category metrics table, JSON and heatmap overlays",
+                       formatter_class=fmt)
     e.add_argument("--dataset", choices=DATASETS, default="textures")
     e.add_argument("--root", default=None, help="MVTec-AD / VisA folder")
     e.add_argument("--categories", nargs="*", default=None, help="default: all")
     e.add_argument("--methods", nargs="+", default=["mismatch"],
                    choices=("mismatch", "reconstruction", "calibrated_mismatch"),
                    help="first one fills the top-level metrics")
-    e.add_argument("--limit", type=int, default=None,
+    e.add_argument("--limit", type=_positive(1), default=None,
                    help="at most N normal and N defective test images per category (the "
                         "defective ones spread over the defect types)")
-    e.add_argument("--calibration-images", type=int, default=40)
+    e.add_argument("--calibration-images", type=_positive(1), default=40,
+                   help="held-out normal images per category for calibrated_mismatch")
     e.add_argument("--report-smoothing", type=float, nargs="+", default=None, metavar="SIGMA",
                    help="also report the metrics of the heatmaps Gaussian-smoothed at each SIGMA "
                         "(non-default variants, from the same scoring pass)")
-    e.add_argument("--overlays", type=int, default=4,
+    e.add_argument("--overlays", type=_positive(0), default=4,
                    help="normal and defective images per overlay grid (0 = none)")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True,
+                   help="folder for metrics.json, metrics.md and overlays/")
     _common(e)
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=_user_errors(cmd_eval))
 
 
 def main(argv=None) -> int:
