@@ -8,6 +8,7 @@ succeed; once the dependency is present the same tests require the stage to succ
 from __future__ import annotations
 
 import html.parser
+import importlib.util
 import json
 import math
 import os
@@ -146,10 +147,12 @@ def test_run_demo_quick_every_section(quick_run):
 def test_report_references_only_existing_files(quick_run):
     summary, out = quick_run
     images = check_report_links(out)
-    # every stage that succeeded drew at least one figure, and they are real PNGs
-    for name in SECTIONS:
-        if "error" not in summary[name]:
-            assert any(os.path.basename(p).startswith(name) for p in images), name
+    # every stage that succeeded drew at least one figure (where matplotlib is installed: the
+    # stages skip their figures without it, as on the offline GPU image), all real PNGs
+    if importlib.util.find_spec("matplotlib") is not None:
+        for name in SECTIONS:
+            if "error" not in summary[name]:
+                assert any(os.path.basename(p).startswith(name) for p in images), name
     for p in images:
         with open(os.path.join(out, p), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
