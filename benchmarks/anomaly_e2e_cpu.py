@@ -5,6 +5,9 @@ model call, and fused (several chunkings) vs the reference loop with the same mo
 
 Medians of 3 interleaved runs (shared CPUs are noisy); recorded in benchmarks/RESULTS.md."""
 import time, sys, statistics, torch
+if sys.argv[1:2] in (["-h"], ["--help"]):
+    print(__doc__)
+    sys.exit(0)
 torch.set_num_threads(2)
 from geokernels.models.detector import FlowMismatchDetector
 from geokernels.data.textures import TextureAnomalyDataset

@@ -74,4 +74,7 @@ def main(name_filter: str = "") -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
     main(sys.argv[1] if len(sys.argv) > 1 else "")
