@@ -102,3 +102,20 @@ def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
                 f"the input of {op} is on {dev}")
     return backend
+
+
+def resolve_device(device) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cpu", "cuda", "cuda:N" as given; anything else,
+    or "cuda" without a GPU, is a ValueError naming ``device`` (TypeError for a non-string)."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = device.split(":", 1)[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)

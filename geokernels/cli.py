@@ -84,7 +84,7 @@ def _info_parser(sub):
 def _bench(args) -> int:
     from geokernels import benchmark
 
-    from geokernels.demo import resolve_device
+    from geokernels._backend import resolve_device
 
     try:
         device = str(resolve_device(args.device or "auto"))

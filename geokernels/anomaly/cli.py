@@ -370,7 +370,7 @@ def _user_errors(command):
     def run(args) -> int:
         try:
             if getattr(args, "device", None) is not None:
-                from geokernels.demo import resolve_device
+                from geokernels._backend import resolve_device
 
                 resolve_device(args.device)
             return command(args)

@@ -25,29 +25,14 @@ import traceback
 
 import torch
 
+from geokernels._backend import resolve_device  # re-exported: demo.resolve_device
 from geokernels.demo import stages as _stages
 from geokernels.demo.stages import StageContext, StageError, StageResult
 
 SECTIONS = ("anomaly", "convexity", "contour_flow", "kernels")
 MAX_STRING = 400  # summary.json holds short strings; the full traceback goes to the report
 
-__all__ = ["run_demo", "SECTIONS", "failed_stages"]
-
-
-def resolve_device(device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is a ValueError."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind = device.split(":", 1)[0]
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
+__all__ = ["run_demo", "SECTIONS", "failed_stages", "resolve_device"]
 
 
 def _clean_metrics(metrics: dict) -> dict:

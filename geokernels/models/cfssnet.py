@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from geokernels._checks import get_checks
 from geokernels.models.unet import UNet
 from geokernels.nn.contour_flow import CFSSBlock
 from geokernels.ops.contour_flow import contour_flow_loss
@@ -87,12 +88,24 @@ class CFSSNet(nn.Module):
                  backend: str = "auto", alpha: float = 0.1, shape_weight: float = 0.0,
                  flow_eps: float = 1e-6):
         super().__init__()
+        if backbone is not None and not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module mapping (B, C, H, W) to (B, 3, H, W), "
+                            f"got {type(backbone).__name__}")
+        for name, v, positive in (("alpha", alpha, False), ("shape_weight", shape_weight, False),
+                                  ("flow_eps", flow_eps, True)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or \
+                    v < 0 or (positive and v == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                                 f"got {v!r}")
         self.backbone = backbone if backbone is not None else UNet(in_channels, 3, depth=4, width=32)
         self.cfss = CFSSBlock(iters=iters, eps=eps, tau=tau, lam=lam, sigma=sigma, halfsize=halfsize,
                               q_nonneg=q_nonneg, learnable=learnable, checkpoint=checkpoint,
                               backend=backend)
         self.alpha, self.shape_weight, self.flow_eps = float(alpha), float(shape_weight), float(flow_eps)
         self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, shape_weight={self.shape_weight}, flow_eps={self.flow_eps}"
 
     def forward(self, x: torch.Tensor) -> dict:
         head = self.backbone(x)
@@ -113,6 +126,17 @@ class CFSSNet(nn.Module):
         image, mask, flow_gt = _unpack(batch)
         out = outputs if outputs is not None else self(image)
         z, flow = out["logits"], out["flow"]
+        if tuple(mask.shape) != tuple(z.shape):
+            raise ValueError(f"mask must have the shape of the logits {tuple(z.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        checks = get_checks()   # a value scan syncs a CUDA device: CPU only by default
+        if mask.numel() and (checks == "always" or checks == "cpu" and mask.device.type == "cpu") \
+                and (mask.min() < 0 or mask.max() > 1):
+            raise ValueError(f"mask values must lie in [0, 1] (a 0/255 mask would train BCE "
+                             f"against 255), got [{float(mask.min())}, {float(mask.max())}]")
+        if flow_gt is not None and tuple(flow_gt.shape) != tuple(flow.shape):
+            raise ValueError(f"flow must have shape {tuple(flow.shape)} (B, 2, H, W) like the "
+                             f"logits, got {tuple(flow_gt.shape)} (it would broadcast)")
         mask = mask.to(z.dtype)
         if flow_gt is None:
             with torch.no_grad():

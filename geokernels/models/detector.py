@@ -105,6 +105,9 @@ def _check_setting(name, value):
                                               or value.startswith("quantile:")):
             raise ValueError(f"agg must be 'min', 'mean', 'median' or 'quantile:alpha', got "
                              f"{value!r}")
+        from geokernels.ops.flow_mismatch import parse_agg
+
+        parse_agg(value, 8)   # a malformed or out-of-range quantile fails here, not at score
     return value
 
 
@@ -113,17 +116,21 @@ class FlowMismatchDetector:
 
     Args:
         model: a trained ``VelocityUNet`` (unconditional or class-conditional), or a dict
-            {category: VelocityUNet} of per-category models; None until ``fit``/``load``.
+            {category: VelocityUNet} of per-category models; None until ``fit``/``load``. The
+            detector keeps its own copy (in eval mode, frozen, channels_last): the caller's
+            module is left as it was and can go on training.
         class_names: the categories of a class-conditional model (class index = position).
         K, T, agg, r, seed, smooth_sigma: mismatch settings (SPEC 3 defaults K=8, T=24, "min", 2);
             smooth_sigma > 0 smooths the reconstruction baseline's heatmaps alike.
         score_mode, topk: image score from the heatmap ("max+topk", top 1 %).
         input_range: how [0, 1] images enter the flow ("[-1,1]" default, as trained).
         batch_size: images per mismatch call (K paths each). Noise is drawn per (seed, index of
-            the image in the ``score`` call, path): scores do not depend on batch_size.
+            the image in the ``score`` call, path), so batch_size changes no noise; the heatmaps
+            agree to float rounding of the model (a U-Net's convolutions round differently at
+            another batch size; bit-identical for a batch-invariant model).
         paths_per_call: rows of one model call (the op's ``chunk``): "auto" (default: 2K on
-            CPU, all batch_size*K paths elsewhere), None (all) or an int; speed only, the
-            heatmaps do not depend on it.
+            CPU, all batch_size*K paths elsewhere), None (all) or an int; speed only, as
+            batch_size.
         device: where the model runs (default: cuda if available, else cpu).
         precision: "fp32" (default) or "bf16" (autocast of the model calls; CUDA only).
         compile: None (default) or a torch.compile mode for the model calls; "reduce-overhead"
@@ -145,11 +152,15 @@ class FlowMismatchDetector:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        from geokernels._backend import BACKENDS
+        from geokernels._backend import resolve_device
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.precision = precision
         self.compile = None if compile == "none" else compile
         self.backend = backend
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto" if device is None else device)
         self.members: dict[str | None, VelocityUNet] = {}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.calibrations: dict[str | None, MismatchCalibration] = {}
@@ -170,7 +181,9 @@ class FlowMismatchDetector:
                 if m.num_classes:
                     raise ValueError("per-category models must be unconditional (num_classes=0)")
             members = {str(k): m for k, m in model.items()}
-            class_names = None
+            if class_names is not None:
+                raise ValueError("class_names is for one class-conditional model; a dict of "
+                                 "per-category models is named by its keys")
         elif isinstance(model, VelocityUNet):
             members = {None: model}
             if model.num_classes:
@@ -179,13 +192,19 @@ class FlowMismatchDetector:
                 if len(class_names) != model.num_classes:
                     raise ValueError(f"class_names has {len(class_names)} entries but the model "
                                      f"has num_classes={model.num_classes}")
-            else:
-                class_names = None
+                if len({str(c) for c in class_names}) != len(class_names):
+                    raise ValueError(f"class_names must be distinct, got {list(class_names)}")
+            elif class_names is not None:
+                raise ValueError("class_names given for an unconditional model (num_classes=0); "
+                                 "a class-conditional VelocityUNet needs num_classes > 0")
         else:
             raise TypeError(f"model must be a VelocityUNet or a dict of them, got "
                             f"{type(model).__name__}")
-        self.members = {k: m.to(self.device, memory_format=torch.channels_last).eval()
-                        .requires_grad_(False) for k, m in members.items()}
+        import copy
+
+        # a copy: eval mode, frozen weights and channels_last must not reach the caller's module
+        self.members = {k: copy.deepcopy(m).to(self.device, memory_format=torch.channels_last)
+                        .eval().requires_grad_(False) for k, m in members.items()}
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self._compiled = {}
 
@@ -413,6 +432,10 @@ class FlowMismatchDetector:
                   min_std: float = 0.05, batch_size=None, progress=False) -> "FlowMismatchDetector":
         """Fit the non-default calibrated variant on held-out normal images (not the training
         images: their mismatch is optimistically low). Enables method="calibrated_mismatch"."""
+        for name, value in (("stats_sigma", stats_sigma), ("min_std", min_std)):
+            if isinstance(value, bool) or not isinstance(value, Real) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         _, _, key = self._member(category)
         heat, _ = self.score(normal_images, category=category, batch_size=batch_size,
                              progress=progress)
@@ -445,6 +468,13 @@ class FlowMismatchDetector:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         self._require_fitted()
+        import json
+
+        try:   # load() reads with weights_only=True: plain JSON types only
+            metadata = json.loads(json.dumps(self.metadata, allow_nan=True))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metadata must hold JSON types only (str, int, float, bool, None, "
+                            f"lists, dicts with str keys): {exc}") from None
         return {
             "format": DETECTOR_FORMAT, "version": FORMAT_VERSION,
             "members": {("" if k is None else k): {"model_config": m.config,
@@ -456,7 +486,7 @@ class FlowMismatchDetector:
             "settings": dict(self.settings),
             "calibrations": {("" if k is None else k): c.state_dict()
                              for k, c in self.calibrations.items()},
-            "metadata": dict(self.metadata),
+            "metadata": metadata,
         }
 
     def save(self, path) -> str:

@@ -59,6 +59,9 @@ class UNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if upsample not in ("bilinear", "transpose"):
             raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+                not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         self.in_channels, self.out_channels, self.depth = in_channels, out_channels, depth
         self.upsample = upsample
         chans = [width * 2**level for level in range(depth + 1)]
@@ -79,6 +82,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point image, got dtype {x.dtype}")
         skips = []
         h = x
         for level, block in enumerate(self.down):

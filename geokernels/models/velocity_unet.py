@@ -148,10 +148,17 @@ class VelocityUNet(nn.Module):
                  attention_levels=None, mid_attention: bool = True, num_heads: int = 4,
                  num_classes: int = 0, dropout: float = 0.0, image_size: int | None = None):
         super().__init__()
-        channel_mults = tuple(int(m) for m in channel_mults)
+
+        def ints(values, name):   # int(1.5) would silently give 1
+            values = tuple(values)
+            if any(isinstance(v, bool) or not isinstance(v, Integral) for v in values):
+                raise ValueError(f"{name} must hold ints, got {values!r}")
+            return tuple(int(v) for v in values)
+
+        channel_mults = ints(channel_mults, "channel_mults")
         if attention_levels is None:  # default: the lowest resolution, when it is low enough
             attention_levels = (len(channel_mults) - 1,) if len(channel_mults) >= 3 else ()
-        attention_levels = tuple(int(a) for a in attention_levels)
+        attention_levels = ints(attention_levels, "attention_levels")
         for name, v in (("in_channels", in_channels), ("base_width", base_width),
                         ("blocks_per_level", blocks_per_level), ("num_heads", num_heads)):
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
@@ -262,6 +269,10 @@ class VelocityUNet(nn.Module):
         n = x_t.shape[0]
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must hold real times in [0, 1], got dtype {t.dtype}")
+        if t.device.type == "cpu" and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError("t holds NaN or Inf")
         if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and n != 1):
             t = t.reshape(1).expand(n)
         if t.dim() != 1 or t.shape[0] != n:
@@ -273,16 +284,21 @@ class VelocityUNet(nn.Module):
             if cond is None:
                 raise ValueError(f"cond (class indices, shape ({n},)) is required: this model is "
                                  f"class-conditional with num_classes={self.num_classes}")
-            if not isinstance(cond, torch.Tensor):
-                cond = torch.as_tensor(cond, device=x_t.device)
+            if not isinstance(cond, torch.Tensor):   # Python/numpy values: checked on the CPU
+                cond = torch.as_tensor(cond)
             if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
                 raise TypeError(f"cond must hold integer class indices, got dtype {cond.dtype}")
             if cond.dim() == 0:
                 cond = cond.reshape(1).expand(n)
             if cond.dim() != 1 or cond.shape[0] != n:
                 raise ValueError(f"cond must have shape ({n},), got {tuple(cond.shape)}")
-            if cond.device.type == "cpu" and n and (int(cond.min()) < 0 or
-                                                     int(cond.max()) >= self.num_classes):
+            # on the CPU always; a device tensor only under set_checks("always") (a host sync):
+            # an out-of-range index would trip nn.Embedding's device-side assert
+            from geokernels._checks import get_checks
+
+            if cond.numel() and not cond.is_meta and (
+                    cond.device.type == "cpu" or get_checks() == "always") and (
+                    int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
                 raise ValueError(f"cond values must be in [0, {self.num_classes}), got range "
                                  f"[{int(cond.min())}, {int(cond.max())}]")
             cond = cond.to(device=x_t.device, dtype=torch.long)
@@ -290,6 +306,8 @@ class VelocityUNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
         t, cond = self._check_inputs(x_t, t, cond)
+        in_dtype = x_t.dtype
+        x_t = x_t.to(self.stem.weight.dtype)   # e.g. a float64 x_t into float32 weights
         # model.to(memory_format=torch.channels_last) runs NHWC convolutions (faster with oneDNN
         # on CPU and cuDNN tensor cores on GPU); inputs follow the weights, outputs are NCHW
         channels_last = self.stem.weight.is_contiguous(memory_format=torch.channels_last)
@@ -314,4 +332,5 @@ class VelocityUNet(nn.Module):
             if i < self.num_levels - 1:
                 h = self.upsamples[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         out = self.head(F.silu(self.head_norm(h)))
-        return out.contiguous() if channels_last else out
+        out = out.contiguous() if channels_last else out
+        return out if torch.is_autocast_enabled(out.device.type) else out.to(in_dtype)

@@ -18,6 +18,10 @@ class ContourFlowLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
+        _check_backend(backend)
+        # the arguments are checked now (by the op, on a 2x2 dummy), not at the first forward
+        contour_flow_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), eps=eps,
+                          reduction=reduction, backend="torch")
         self.eps, self.reduction, self.backend = eps, reduction, backend
 
     def forward(self, logits: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -25,6 +29,13 @@ class ContourFlowLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, reduction={self.reduction!r}"
+
+
+def _check_backend(backend) -> None:
+    from geokernels._backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _inverse_softplus(v: float) -> float:
@@ -51,10 +62,19 @@ class CFSSBlock(nn.Module):
         elif learnable is False or learnable is None:
             learn = set()
         else:
-            learn = set(learnable)
+            learn = {learnable} if isinstance(learnable, str) else set(learnable)
             unknown = learn - set(CFSS_SCALARS)
             if unknown:
                 raise ValueError(f"learnable must name scalars among {CFSS_SCALARS}, got {sorted(unknown)}")
+        _check_backend(backend)
+        from geokernels.ops._validate import check_int
+
+        check_int(iters, "iters", min_value=0)
+        # every other argument is checked now by the op (0 iterations on a 2x2 dummy), not at the
+        # first forward
+        cfss_iterate(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), iters=0, eps=eps, tau=tau,
+                     lam=lam, sigma=sigma, halfsize=halfsize, q_nonneg=q_nonneg,
+                     checkpoint=checkpoint, backend="torch")
         self.iters, self.halfsize, self.q_nonneg = iters, halfsize, q_nonneg
         self.checkpoint, self.backend = checkpoint, backend
         self.learnable = tuple(n for n in CFSS_SCALARS if n in learn)
@@ -81,7 +101,15 @@ class CFSSBlock(nn.Module):
         return cfss_iterate(o, T, iters=self.iters, halfsize=self.halfsize, q_nonneg=self.q_nonneg,
                             checkpoint=self.checkpoint, backend=self.backend, **scalars)
 
+    def _repr_value(self, name: str) -> str:
+        v = self.value(name)
+        if isinstance(v, torch.Tensor):
+            if v.is_meta:   # deferred init: no value yet
+                return f"{name}=<learnable>"
+            v = float(v.detach())
+        return f"{name}={v:.4g}"
+
     def extra_repr(self) -> str:
-        vals = ", ".join(f"{n}={float(torch.as_tensor(self.value(n)).detach()):.4g}" for n in CFSS_SCALARS)
+        vals = ", ".join(self._repr_value(n) for n in CFSS_SCALARS)
         return (f"iters={self.iters}, {vals}, halfsize={self.halfsize}, q_nonneg={self.q_nonneg}, "
-                f"learnable={self.learnable}")
+                f"learnable={self.learnable}, checkpoint={self.checkpoint!r}")

@@ -46,6 +46,12 @@ class QuasiConcavityLoss(nn.Module):
         if unknown:
             raise TypeError(f"QuasiConcavityLoss(order={order}) got unexpected argument(s) {unknown}; "
                             f"it accepts {list(allowed)}")
+        from geokernels.nn.contour_flow import _check_backend
+
+        _check_backend(backend)
+        # the arguments are checked now (by the op, on an 8x8 dummy), not at the first forward
+        (qc2_loss if order == 2 else qc1_loss)(torch.full((1, 1, 8, 8), 0.5), reduction=reduction,
+                                                backend="torch", **loss_kwargs)
         self.order = order
         self.reduction = reduction
         self.backend = backend
@@ -76,7 +82,12 @@ class CGPM(nn.Module):
                  threshold: float = 0.5, track_history: bool = False, backend: str = "auto",
                  **loss_kwargs):
         super().__init__()
+        from geokernels.nn.contour_flow import _check_backend
+
         check_choice(method, "method", METHODS)
+        _check_backend(backend)
+        if not isinstance(track_history, bool):
+            raise TypeError(f"track_history must be a bool, got {type(track_history).__name__}")
         self.threshold = check_real(threshold, "threshold")
         steps = check_int(steps, "steps", min_value=0)
         self.steps, self.lr, self.method, self.weight = steps, lr, method, weight
@@ -110,6 +121,7 @@ class CGPM(nn.Module):
     def extra_repr(self) -> str:
         kw = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
         return (f"steps={self.steps}, lr={self.lr}, method={self.method!r}, weight={self.weight}"
+                f", betas={self.betas}, adam_eps={self.adam_eps}, threshold={self.threshold}"
                 f", backprop_to_backbone={self.backprop_to_backbone}{kw}")
 
 

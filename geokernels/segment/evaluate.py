@@ -74,7 +74,7 @@ def load_model(checkpoint, device=None, backend: str = "auto"):
     device), not the backend the model was trained with: a model trained on a GPU evaluates on a
     CPU and the other way round."""
     from geokernels._backend import BACKENDS
-    from geokernels.demo import resolve_device
+    from geokernels._backend import resolve_device
     from geokernels.segment.train import TrainConfig, build_model, load_checkpoint
 
     if backend not in BACKENDS:

@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
     """
     from geokernels._files import write_json_atomic
     from geokernels.anomaly.checkpoint import save_atomic
-    from geokernels.demo import resolve_device
+    from geokernels._backend import resolve_device
     from geokernels.segment.datasets import make_dataset, materialise
 
     device = resolve_device(device or "auto")
