@@ -56,8 +56,46 @@ def available_backends(op: str, device_type: str) -> list[str]:
     return out
 
 
+# ops whose fused backends have reverse-mode autograd only (torch.library.register_autograd /
+# autograd.Function without setup_context): forward-mode AD would silently drop their tangents
+_DIFFERENTIABLE = ("qc1_loss", "qc2_loss", "contour_flow_loss", "cfss_iterate",
+                   "midpoint_convexify", "cgpm")
+
+
+def _refuse_unsupported_autodiff(op: str, backend: str, tensor: torch.Tensor) -> None:
+    """NotImplementedError, naming the op and the way out, where a fused backend would give a
+    wrong result (forward-mode AD: the op's tangent silently dropped) or a cryptic functorch
+    error (torch.func.grad/jacrev/vjp/jvp); vmap is left alone (PyTorch loops over the batch)."""
+    if backend == "torch" or op not in _DIFFERENTIABLE or torch.compiler.is_compiling():
+        return
+    import torch.autograd.forward_ad as fwAD
+
+    what = None
+    if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        interpreter = torch._C._functorch.peek_interpreter_stack()
+        kind = None if interpreter is None else interpreter.key()
+        if kind == torch._C._functorch.TransformType.Jvp:
+            what = "torch.func.jvp / jacfwd (forward-mode AD)"
+        elif kind == torch._C._functorch.TransformType.Grad:
+            what = "torch.func.grad / vjp / jacrev"
+    elif fwAD._current_level >= 0 and fwAD.unpack_dual(tensor).tangent is not None:
+        what = "forward-mode AD (torch.autograd.forward_ad)"
+    if what is not None:
+        raise NotImplementedError(
+            f"{op}: {what} is not supported by the fused {backend!r} backend (reverse-mode "
+            f"autograd only); use backend='torch' (the reference) under these transforms, or "
+            f"plain loss.backward()")
+
+
 def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
-    """The backend that will run ``op`` on ``tensor``; ValueError for an impossible request."""
+    """The backend that will run ``op`` on ``tensor``; ValueError for an impossible request,
+    NotImplementedError for an autodiff transform the fused backends cannot serve."""
+    chosen = _resolve(op, backend, tensor)
+    _refuse_unsupported_autodiff(op, chosen, tensor)
+    return chosen
+
+
+def _resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None or backend == "auto":
         backend = os.environ.get("GEOKERNELS_BACKEND", "auto") or "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:

@@ -24,9 +24,23 @@ def get_checks() -> str:
     return _mode
 
 
+def tracing(t: torch.Tensor | None = None) -> bool:
+    """True where a value check cannot look at data: under torch.compile / export, for a
+    functorch-wrapped tensor (vmap, grad, jvp), a fake tensor, or under make_fx's proxy mode.
+    Value checks are skipped there (they run in eager calls)."""
+    if torch.compiler.is_compiling():
+        return True
+    if t is not None and (torch._C._functorch.is_functorch_wrapped_tensor(t)
+                          or isinstance(t, torch._subclasses.FakeTensor)):
+        return True
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """ValueError naming ``name`` if ``t`` holds NaN or Inf (subject to set_checks)."""
-    if _mode == "never" or torch.compiler.is_compiling():
+    if _mode == "never" or tracing(t):
         return
     if _mode == "cpu" and t.device.type != "cpu":
         return

@@ -58,7 +58,9 @@ def check_real(value, name: str, *, min_value: float | None = None, min_inclusiv
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v):
+    # under torch.compile a float argument may be symbolic (dynamic=True, or a value that
+    # changed between calls): math.isfinite cannot be traced, so only eager calls check it
+    if not torch.compiler.is_compiling() and not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if min_value is not None and (v < min_value or (not min_inclusive and v == min_value)):
         op = ">=" if min_inclusive else ">"

@@ -30,7 +30,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels._checks import get_checks
+from geokernels._checks import get_checks, tracing
 from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_image, check_int, refuse_double_backward
 from geokernels.ops.contour_flow import check_flow_shape, check_values
@@ -86,7 +86,7 @@ def _check_scalar(value, name: str, positive: bool):
                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
         mode = get_checks()
         if mode == "always" or (mode == "cpu" and value.device.type == "cpu"):
-            if not torch.compiler.is_compiling():
+            if not tracing(value):
                 v = float(value.detach().reshape(()))
                 if not math.isfinite(v) or (positive and v <= 0):
                     raise ValueError(f"{name} must be {'> 0' if positive else 'finite'}, got {v}")
@@ -94,7 +94,9 @@ def _check_scalar(value, name: str, positive: bool):
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0):
+    # under torch.compile a float argument may be symbolic (dynamic=True, or a value that
+    # changed between calls): math.isfinite cannot be traced, so only eager calls check it
+    if (not torch.compiler.is_compiling() and not math.isfinite(v)) or (positive and v <= 0):
         raise ValueError(f"{name} must be {'> 0' if positive else 'finite'}, got {value!r}")
     return v
 

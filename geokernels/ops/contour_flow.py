@@ -9,7 +9,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels._checks import get_checks
+from geokernels._checks import get_checks, tracing
 from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import (REDUCTIONS, check_choice, check_image, check_real,
                                       refuse_double_backward)
@@ -23,7 +23,7 @@ def check_values(t: torch.Tensor, name: str) -> None:
     (``aminmax`` propagates NaN and shows Inf): ~25x cheaper than ``isfinite(t).all()`` on
     large CPU tensors, where that check would cost more than the fused kernels themselves."""
     mode = get_checks()
-    if mode == "never" or torch.compiler.is_compiling():
+    if mode == "never" or tracing(t):
         return
     if mode == "cpu" and t.device.type != "cpu":
         return

@@ -11,7 +11,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels._checks import check_finite, get_checks
+from geokernels._checks import check_finite, get_checks, tracing
 from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_choice, check_real
 from geokernels.reference import distance as _ref
@@ -76,7 +76,7 @@ def _check_dtype(dtype) -> torch.dtype:
 
 def _value_checks_run(t: torch.Tensor) -> bool:
     mode = get_checks()
-    return not torch.compiler.is_compiling() and (
+    return not tracing(t) and (
         mode == "always" or (mode == "cpu" and t.device.type == "cpu"))
 
 

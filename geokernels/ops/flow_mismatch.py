@@ -177,7 +177,7 @@ def _values_checked(x: torch.Tensor) -> bool:
     """NaN/Inf checks of the velocities, per geokernels.set_checks (a host sync on CUDA)."""
     mode = _checks.get_checks()
     return (mode == "always" or (mode == "cpu" and x.device.type == "cpu")) and \
-        not torch.compiler.is_compiling()
+        not _checks.tracing(x)
 
 
 def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, offset, progress,

@@ -40,9 +40,12 @@ def sqrt_ieee(t: torch.Tensor) -> torch.Tensor:
 
     torch's CPU sqrt is a vectorised approximation within 1 ulp (not correctly rounded, for
     float32 and float64 alike), while scipy, numpy, C's sqrt and CUDA's sqrt are IEEE: the oracle
-    must be IEEE too, so on CPU it takes numpy's.
+    must be IEEE too, so on CPU it takes numpy's. Under a tracer (torch.compile / export, fake
+    or functorch tensors), which cannot see numpy, it is torch's sqrt (within 1 ulp).
     """
-    if t.device.type == "cpu":
+    from geokernels._checks import tracing
+
+    if t.device.type == "cpu" and not tracing(t):
         return torch.from_numpy(np.sqrt(t.detach().contiguous().numpy()))
     return torch.sqrt(t)
 
