@@ -127,7 +127,8 @@ def _bench_parser(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geokernels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="geokernels",
+                                     description=__doc__.splitlines()[0].replace("``", "`"))
     sub = parser.add_subparsers(dest="command", required=True)
     for spec in _SUBCOMMAND_MODULES:
         mod_name, _, attr = spec.partition(":")

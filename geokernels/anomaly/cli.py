@@ -718,7 +718,7 @@ def _common(p, checkpoint=True):
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("anomaly",
                               help="flow-mismatch anomaly detection: train | score | eval",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0].replace("``", "`"))
     sub = p.add_subparsers(dest="anomaly_command", required=True)
 
     from geokernels.models.velocity_unet import PRESETS

@@ -127,8 +127,9 @@ def add_parser(sub) -> None:
 
     defaults = TrainConfig()
     seg = sub.add_parser("segment", help="segmentation with shape priors: train | eval | table",
-                         description=__doc__.splitlines()[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                         description=__doc__.splitlines()[0].replace("``", "`"),
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=__doc__.split("\n", 1)[1].replace("``", "`"))
     ssub = seg.add_subparsers(dest="segment_command", required=True)
 
     p = ssub.add_parser("train", help="train a U-Net with a shape prior")
