@@ -231,6 +231,9 @@ _DDP_SCRIPT = textwrap.dedent(f"""
     from geokernels.anomaly import train
     data = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     train(data, checkpoint=sys.argv[1], **{_DDP_OPTIONS!r})
+    # a second train() in the same process (FlowMismatchDetector.fit per category does this):
+    # the process group used to be destroyed and re-created, which hung or failed in gloo
+    train(data, checkpoint=sys.argv[1] + ".again", **{_DDP_OPTIONS!r})
 """)
 
 
@@ -268,6 +271,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
                 "--nproc_per_node", "2", str(script), str(tmp_path / "ddp.pt")]
     proc = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp.pt.again").exists()
     data = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     train(data, checkpoint=tmp_path / "one.pt", **_DDP_OPTIONS)
     a = torch.load(tmp_path / "ddp.pt", weights_only=True)
@@ -320,3 +324,77 @@ def test_cudnn_benchmark_is_restored(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         train(_images(8), **dict(FAST, steps=2))
     assert torch.backends.cudnn.benchmark is False
+
+
+
+# ---- session-11 audit of the training pipeline ------------------------------------------------
+def test_resume_applies_changed_optimizer_settings(tmp_path):
+    """A resume with another lr / weight decay warned and then silently kept the old ones from
+    the optimizer state, while the checkpoint recorded the new ones."""
+    x = _images(8)
+    train(x, steps=3, checkpoint=tmp_path / "a.pt", **FAST)
+    torch.save(torch.load(tmp_path / "a.pt", weights_only=True), tmp_path / "b.pt")
+    with pytest.warns(UserWarning, match="changed training options"):
+        new = train(x, steps=6, checkpoint=tmp_path / "a.pt", resume=True,
+                    **dict(FAST, lr=5e-2, weight_decay=0.5))
+    with pytest.warns(UserWarning, match="changed training options"):
+        old = train(x, steps=6, checkpoint=tmp_path / "b.pt", resume=True, **FAST)
+    ck = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert ck["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+    assert ck["scheduler"]["base_lrs"] == [5e-2] and ck["train_config"]["lr"] == 5e-2
+    assert not all(torch.equal(p, q) for p, q in zip(new.model.parameters(), old.model.parameters()))
+
+
+def test_resume_refuses_another_category_order(tmp_path):
+    a, b = _images(8, seed=1), _images(8, seed=2)
+    train({"brick": a, "grass": b}, steps=2, checkpoint=tmp_path / "c.pt", **FAST)
+    with pytest.raises(ValueError, match=r"categories \['brick', 'grass'\].*same order"):
+        train({"grass": b, "brick": a}, steps=4, checkpoint=tmp_path / "c.pt", resume=True, **FAST)
+
+
+def test_a_diverged_run_does_not_overwrite_the_checkpoint_with_nan(tmp_path):
+    x = _images(8)
+    train(x, steps=2, checkpoint=tmp_path / "n.pt", **dict(FAST, checkpoint_every=3))
+    with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="non-finite by step"):
+        train(x, steps=20, checkpoint=tmp_path / "n.pt", resume=True,
+              **dict(FAST, lr=1e30, checkpoint_every=3))   # log_every 4: NaN saved at step 6
+    ck = torch.load(tmp_path / "n.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert all(torch.isfinite(v).all() for v in ck["ema"].values())
+
+
+def test_a_finished_time_budget_run_is_not_trained_again(tmp_path):
+    """Re-running the same command with --resume gave itself a fresh budget and restarted the
+    cosine schedule from a finished run."""
+    first = train(_images(8), steps=10_000, time_budget_s=1e-3, checkpoint=tmp_path / "t.pt",
+                  **FAST)
+    again = train(_images(8), steps=10_000, time_budget_s=1e-3, checkpoint=tmp_path / "t.pt",
+                  resume=True, **FAST)
+    assert again.step == first.step == 26 and again.losses == []
+    assert torch.load(tmp_path / "t.pt", weights_only=True)["budget_fitted"] is True
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda x: [{"image": (im * 255).to(torch.uint8), "label": 0} for im in x], "dtype torch.uint8"),
+    (lambda x: x * 2 - 1, r"must be in \[0, 1\]"),
+    (lambda x: [{"image": im * 255, "label": 0} for im in x], r"must be in \[0, 1\]"),
+])
+def test_images_outside_0_1_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        train(make(_images(8)), steps=1, **FAST)
+
+
+def test_model_image_size_must_match_the_data():
+    with pytest.raises(ValueError, match="image_size=16.*8x8"):
+        train(_images(8, size=8), steps=1, **dict(FAST, model_kwargs=dict(TINY, image_size=16)))
+
+
+def test_train_leaves_the_callers_rng_alone(tmp_path):
+    x = _images(8)
+    train(x, steps=2, checkpoint=tmp_path / "r.pt", **FAST)
+    torch.manual_seed(123)
+    with pytest.warns(UserWarning):
+        train(x, steps=4, checkpoint=tmp_path / "r.pt", resume=True, **FAST)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))

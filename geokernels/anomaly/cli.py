@@ -630,7 +630,10 @@ def cmd_train(args) -> int:
         common = dict(preset=args.preset, model_kwargs=model_kwargs, config=config,
                       resume=args.resume, device=dist_ctx.device, progress=not args.quiet,
                       compile=args.compile_train)
-        if args.time_budget:
+        if args.time_budget is not None:   # 0 used to be ignored silently
+            if not (math.isfinite(args.time_budget) and args.time_budget > 0):
+                raise SystemExit(f"error: --time-budget must be a number of minutes > 0, got "
+                                 f"{args.time_budget}")
             share = len(categories) if mode == "per-category" else 1
             common["time_budget_s"] = args.time_budget * 60.0 / share
         t0 = time.perf_counter()
@@ -668,8 +671,10 @@ def cmd_train(args) -> int:
             log = {"detector": path, "seconds": seconds, "mode": mode, "world_size": dist_ctx.world,
                    "device": str(dist_ctx.device), "metadata": det.metadata,
                    "parameters_per_model": next(iter(det.members.values())).num_parameters(),
-                   "runs": {k: {"steps": r.step, "images_per_second": r.images_per_second,
-                                "seconds_per_step": r.seconds_per_step,
+                   "runs": {k: {"steps": r.step,
+                                # NaN when no step ran (a finished run resumed): JSON null
+                                "images_per_second": _finite_or_none(r.images_per_second),
+                                "seconds_per_step": _finite_or_none(r.seconds_per_step),
                                 "first_losses": r.losses[:10], "last_losses": r.losses[-10:],
                                 "loss_curve": _curve(r.losses)}
                             for k, r in runs.items()}}
@@ -678,6 +683,10 @@ def cmd_train(args) -> int:
     finally:
         dist_ctx.close()
     return 0
+
+
+def _finite_or_none(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _curve(losses, points=50):

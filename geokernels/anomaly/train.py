@@ -196,7 +196,11 @@ def load_normal_images(dataset, name: str = "dataset", progress: bool = False) -
         for i in it:
             img, label = _sample_image(dataset[i])
             if label == 0:
-                kept.append(torch.as_tensor(img, dtype=torch.float32))
+                img = torch.as_tensor(img)
+                if not img.is_floating_point():   # uint8 samples trained as 0..255 before
+                    raise ValueError(f"{name} images must be float in [0, 1], got dtype "
+                                     f"{img.dtype} (item {i}); divide 8-bit images by 255")
+                kept.append(img.to(torch.float32))
         if not kept:
             raise ValueError(f"{name} has no normal (label 0) images; flow matching trains on "
                              f"normal images only")
@@ -211,6 +215,10 @@ def load_normal_images(dataset, name: str = "dataset", progress: bool = False) -
         raise ValueError(f"{name} is empty: no images to train on")
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} contains NaN or Inf pixel values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:   # [-1, 1] data would be mapped again, to [-3, 1]
+        raise ValueError(f"{name} images must be in [0, 1] (the training maps them to the flow's "
+                         f"range itself), got values in [{lo:.4g}, {hi:.4g}]")
     return images.float().contiguous()
 
 
@@ -243,7 +251,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 class _Dist:
     def __init__(self, device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self.local_rank, self.owns_group = 0, 0, False
+        self.rank, self.local_rank = 0, 0
         if self.world > 1:
             import torch.distributed as dist
 
@@ -257,8 +265,13 @@ class _Dist:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             if not dist.is_initialized():
+                # kept for the life of the process (destroyed at exit): a second train() in the
+                # same torchrun process (detector.fit per category) re-creating the group through
+                # the env:// store hung or failed with gloo connection errors
+                import atexit
+
                 dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-                self.owns_group = True
+                atexit.register(_destroy_process_group)
             self.rank = dist.get_rank()
         elif device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,10 +297,14 @@ class _Dist:
         return value
 
     def close(self):
-        if self.owns_group:
-            import torch.distributed as dist
+        """Nothing to release: a process group created here lives until the process exits."""
 
-            dist.destroy_process_group()
+
+def _destroy_process_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -296,18 +313,6 @@ def _rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _set_rng_state(state: dict) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # different GPU count: the per-step generators do not need it
-            pass
 
 
 def _as_tuple(x):
@@ -362,15 +367,18 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
             (steps=, batch_size=, lr=, ...).
         checkpoint: path of the training checkpoint, written atomically every
             ``checkpoint_every`` steps and at the end (rank 0 only).
-        resume: continue from ``checkpoint`` if it exists (model config must match). The result
-            equals an uninterrupted run with the same config.
+        resume: continue from ``checkpoint`` if it exists (model config and category order
+            must match). The result equals an uninterrupted run with the same config; changed
+            options are warned about and take effect from the resumed step (lr, betas and
+            weight decay included).
         device: default cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu.
         progress: tqdm bar with loss and images/s (rank 0).
         compile: torch.compile the model for training (GPU speed-up; off by default).
         time_budget_s: wall-clock budget. After a short probe (steps 5-25 of this run) the total
             number of steps is lowered, if needed, so the run ends within the budget; the cosine
             schedule follows the new total, which is recorded in the checkpoint (rerun with
-            steps=that number to reproduce the run exactly).
+            steps=that number to reproduce the run exactly). Resuming such a run continues
+            toward that total (no second probe or budget); a finished one trains no more.
 
     Returns:
         TrainResult with the EMA model in eval mode (on ``device``), the final step and the
@@ -420,6 +428,10 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
     if model.num_classes != num_classes:
         raise ValueError(f"model has num_classes={model.num_classes} but the dataset gives "
                          f"{num_classes} classes")
+    if model.config.get("image_size") not in (None, images.shape[-1]):
+        raise ValueError(f"the model records image_size={model.config['image_size']} (model_kwargs"
+                         f" / model) but the dataset images are {images.shape[-1]}x"
+                         f"{images.shape[-1]}: the detector would refuse its own training images")
     m = model.size_multiple
     if images.shape[-1] % m or images.shape[-2] % m:
         raise ValueError(f"dataset images of size {tuple(images.shape[-2:])} are not multiples of "
@@ -451,14 +463,24 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
                                   weight_decay=config.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     start_step = 0
+    budget_fitted = False   # the total was lowered to fit time_budget_s (kept in the checkpoint)
     if resume and checkpoint is not None and os.path.exists(checkpoint):
         ckpt = load_checkpoint(checkpoint, formats=(TRAIN_FORMAT,))
         if ckpt["model_config"] != _unwrap(model).config:
             raise ValueError(f"cannot resume from {os.fspath(checkpoint)!r}: its model config "
                              f"{ckpt['model_config']} differs from {_unwrap(model).config}")
+        if ckpt.get("class_names") != class_names:   # the class indices would be swapped
+            raise ValueError(f"cannot resume from {os.fspath(checkpoint)!r}: it was trained on the "
+                             f"categories {ckpt.get('class_names')} (class index = position), "
+                             f"now {class_names}; give them in the same order")
         old = ckpt.get("train_config", {})
+        if time_budget_s is not None and ckpt.get("budget_fitted"):
+            # the first run fitted its total to the budget: continue toward that total (the same
+            # cosine schedule) instead of probing again and granting a second budget
+            config.steps = int(old["steps"])
+            time_budget_s, budget_fitted = None, True
         changed = {k: (old.get(k), v) for k, v in _config_dict(config).items()
-                   if k in old and old[k] != v}
+                   if k in old and old[k] != v and k not in ("log_every", "checkpoint_every")}
         if changed:
             warnings.warn(f"resuming {os.fspath(checkpoint)!r} with changed training options "
                           f"(old, new): {changed}; the run will differ from an uninterrupted one",
@@ -467,8 +489,13 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt.get("rng", {}))
         start_step = int(ckpt["step"])
+        # the optimizer state holds the old lr / betas / weight decay: the new ones apply from here
+        # (an unchanged config leaves every value as it was: resume stays exact)
+        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group.update(lr=config.lr * lr_factor(start_step, config), betas=tuple(config.betas),
+                         weight_decay=config.weight_decay)
 
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
@@ -502,6 +529,13 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
     def save(step):
         if checkpoint is None:
             return
+        # the loss is checked before the update it drives: the weights can turn non-finite in
+        # between. Every rank holds the same weights, so every rank stops alike.
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(p).all()) for p in params + ema_params)
+        if not finite:
+            raise FloatingPointError(f"the weights became non-finite by step {step} (try a lower "
+                                     f"lr or precision='fp32'); the checkpoint on disk is kept")
         if dist_ctx.main:
             save_atomic({
                 "format": TRAIN_FORMAT, "version": FORMAT_VERSION,
@@ -510,11 +544,12 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step, "train_config": _config_dict(config), "class_names": class_names,
                 "input_range": config.input_range, "rng": _rng_state(),
-                "world_size": dist_ctx.world,
+                "world_size": dist_ctx.world, "budget_fitted": budget_fitted,
             }, checkpoint)
         dist_ctx.barrier()
 
-    devices = [device.index or 0] if device.type == "cuda" else []
+    # torch.manual_seed below reseeds every GPU: restore all of them afterwards
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     t_start, steps_done, step = time.perf_counter(), 0, start_step
     probe_start, probe_end = start_step + 5, start_step + 25
     t_probe = None
@@ -534,6 +569,7 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
                     fit = int(dist_ctx.mean(torch.tensor(float(fit), device=device)))
                     if fit < config.steps:
                         config.steps = max(step + 1, fit)
+                        budget_fitted = True
                         if bar is not None:
                             bar.total = config.steps
                             bar.refresh()
@@ -568,7 +604,10 @@ def _train_loop(images, labels, class_names, model, config, checkpoint, resume, 
             pending.append(loss.detach())
             steps_done += 1
             last = step + 1 == config.steps
-            if len(pending) >= config.log_every or last:
+            saving = bool(config.checkpoint_every) and (step + 1) % config.checkpoint_every == 0
+            # flush (and check) before a checkpoint too: a diverged run must not overwrite the
+            # last good checkpoint with NaN weights
+            if len(pending) >= config.log_every or last or saving:
                 vals = torch.stack(pending)
                 mean_loss = float(dist_ctx.mean(vals.mean()))
                 vals = vals.tolist()
