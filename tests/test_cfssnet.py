@@ -83,8 +83,24 @@ def test_ground_truth_flow_is_a_unit_tangent():
     dot = (flow[0] * radial).sum(0) / radial.norm(dim=0).clamp_min(1)
     ring = (radial.norm(dim=0) > 3) & (radial.norm(dim=0) < 9) & (norm[0] > 0)
     assert dot[ring].abs().mean() < 0.35
-    # the scipy fallback is SPEC 2.2 as the library's contour_flow_field computes it
+    # the scipy fallback is SPEC 2.2 as the library's contour_flow_field computes it, also on
+    # planes without a contour (all 0 / all 1: zero flow in both)
     torch.testing.assert_close(ground_truth_flow(mask), flow.float(), rtol=1e-6, atol=1e-6)
+    flat = torch.cat([torch.zeros(1, 1, 6, 7), torch.ones(1, 1, 6, 7)])
+    assert not _flow_field_scipy(flat).any() and not ground_truth_flow(flat).any()
+
+
+def test_cfssnet_defaults_are_the_spec_ones():
+    """SPEC 2.5 runs cfss_iterate with its SPEC 2.4 defaults (50 iterations; was 20 here)."""
+    import inspect
+
+    from geokernels.ops import cfss_iterate
+
+    spec = inspect.signature(cfss_iterate).parameters
+    net = inspect.signature(CFSSNet).parameters
+    for name in ("iters", "eps", "tau", "lam", "sigma", "halfsize", "q_nonneg"):
+        assert net[name].default == spec[name].default, name
+    assert net["alpha"].default == 0.1
 
 
 def test_cfssnet_forward_and_loss():

@@ -33,6 +33,10 @@ def _flow_field_scipy(mask: torch.Tensor) -> torch.Tensor:
     norm = torch.sqrt(g0 * g0 + g1 * g1).clamp_min(1e-20)
     n0, n1 = g0 / norm, g1 / norm
     flow = torch.stack((-n1, n0), dim=2)  # (B, C, 2, H, W): rotate by +90 degrees
+    # an all-0 or all-1 plane has no contour: zero flow, as contour_flow_field (scipy's EDT of a
+    # plane without background is no distance to anything)
+    flat = m.flatten(2)
+    flow = flow * (flat.amin(dim=2) != flat.amax(dim=2))[..., None, None, None]
     B, C, H, W = mask.shape
     return flow.reshape(B, 2 * C, H, W).to(dtype=mask.dtype if mask.is_floating_point() else torch.float32,
                                             device=mask.device)
@@ -82,7 +86,7 @@ class CFSSNet(nn.Module):
     forward(x) -> dict(logits=z (B,1,H,W), o=(B,1,H,W), flow=(B,2,H,W) unit field).
     """
 
-    def __init__(self, backbone: nn.Module | None = None, in_channels: int = 1, iters: int = 20,
+    def __init__(self, backbone: nn.Module | None = None, in_channels: int = 1, iters: int = 50,
                  eps: float = 1.0, tau: float = 1.0, lam: float = 1.0, sigma: float = 5.0,
                  halfsize: int = 2, q_nonneg: bool = False, learnable=False, checkpoint="auto",
                  backend: str = "auto", alpha: float = 0.1, shape_weight: float = 0.0,
