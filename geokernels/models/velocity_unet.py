@@ -271,7 +271,10 @@ class VelocityUNet(nn.Module):
             t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"t must hold real times in [0, 1], got dtype {t.dtype}")
-        if t.device.type == "cpu" and t.numel() and not bool(torch.isfinite(t).all()):
+        from geokernels._checks import get_checks, tracing
+
+        if t.device.type == "cpu" and t.numel() and not tracing(t) and \
+                not bool(torch.isfinite(t).all()):
             raise ValueError("t holds NaN or Inf")
         if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and n != 1):
             t = t.reshape(1).expand(n)
@@ -294,9 +297,7 @@ class VelocityUNet(nn.Module):
                 raise ValueError(f"cond must have shape ({n},), got {tuple(cond.shape)}")
             # on the CPU always; a device tensor only under set_checks("always") (a host sync):
             # an out-of-range index would trip nn.Embedding's device-side assert
-            from geokernels._checks import get_checks
-
-            if cond.numel() and not cond.is_meta and (
+            if cond.numel() and not cond.is_meta and not tracing(cond) and (
                     cond.device.type == "cpu" or get_checks() == "always") and (
                     int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
                 raise ValueError(f"cond values must be in [0, {self.num_classes}), got range "
