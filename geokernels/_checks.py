@@ -38,11 +38,17 @@ def tracing(t: torch.Tensor | None = None) -> bool:
     return get_proxy_mode() is not None
 
 
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether a value check (a pass over ``t``'s data; a host sync on CUDA) runs on ``t``: per
+    set_checks ("always"; "cpu": CPU tensors only; "never"), and never under a tracer."""
+    if _mode == "never" or (_mode == "cpu" and t.device.type != "cpu"):
+        return False
+    return not tracing(t)
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
     """ValueError naming ``name`` if ``t`` holds NaN or Inf (subject to set_checks)."""
-    if _mode == "never" or tracing(t):
-        return
-    if _mode == "cpu" and t.device.type != "cpu":
+    if not values_checked(t):
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")

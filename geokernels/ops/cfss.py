@@ -30,7 +30,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels._checks import get_checks, tracing
+from geokernels._checks import values_checked
 from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_image, check_int, refuse_double_backward
 from geokernels.ops.contour_flow import check_flow_shape, check_values
@@ -84,12 +84,10 @@ def _check_scalar(value, name: str, positive: bool):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} must be a real number or a one-element floating tensor, "
                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
-        mode = get_checks()
-        if mode == "always" or (mode == "cpu" and value.device.type == "cpu"):
-            if not tracing(value):
-                v = float(value.detach().reshape(()))
-                if not math.isfinite(v) or (positive and v <= 0):
-                    raise ValueError(f"{name} must be {'> 0' if positive else 'finite'}, got {v}")
+        if values_checked(value):
+            v = float(value.detach().reshape(()))
+            if not math.isfinite(v) or (positive and v <= 0):
+                raise ValueError(f"{name} must be {'> 0' if positive else 'finite'}, got {v}")
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

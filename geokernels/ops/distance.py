@@ -11,7 +11,7 @@ import torch
 
 from geokernels import _extension
 from geokernels._backend import register_op, resolve
-from geokernels._checks import check_finite, get_checks, tracing
+from geokernels._checks import check_finite, values_checked
 from geokernels.ops._autocast import float32_under_autocast
 from geokernels.ops._validate import check_choice, check_real
 from geokernels.reference import distance as _ref
@@ -72,12 +72,6 @@ def _check_dtype(dtype) -> torch.dtype:
     if dtype not in OUTPUT_DTYPES:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     return dtype
-
-
-def _value_checks_run(t: torch.Tensor) -> bool:
-    mode = get_checks()
-    return not tracing(t) and (
-        mode == "always" or (mode == "cpu" and t.device.type == "cpu"))
 
 
 @float32_under_autocast
@@ -173,7 +167,7 @@ def contour_flow_field(
     if threshold is not None:
         threshold = check_real(threshold, "threshold")
         mask = mask > threshold
-    elif mask.dtype != torch.bool and _value_checks_run(mask):
+    elif mask.dtype != torch.bool and values_checked(mask):
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(
                 "mask must be binary (0/1 or bool) for contour_flow_field; got other values. "

@@ -173,19 +173,12 @@ def _raise_nonfinite(t: float):
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def _values_checked(x: torch.Tensor) -> bool:
-    """NaN/Inf checks of the velocities, per geokernels.set_checks (a host sync on CUDA)."""
-    mode = _checks.get_checks()
-    return (mode == "always" or (mode == "cpu" and x.device.type == "cpu")) and \
-        not _checks.tracing(x)
-
-
 def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, offset, progress,
                  noise_cache):
     B, C, H, W = x.shape
     heat = torch.zeros(B, H, W, dtype=_heat_dtype(x.dtype), device=x.device)
     chunk = B * K if chunk is None else chunk
-    check_values = _values_checked(x)
+    check_values = _checks.values_checked(x)
     images_per_call = max(1, chunk // K)
     cond_paths = _expand_cond(cond, B, K)
     steps = [(j / (T + 1), (j / (T + 1)) ** r / T) for j in range(1, T + 1)]
@@ -317,7 +310,7 @@ def flow_mismatch(
     be = resolve("flow_mismatch", backend, x)
     with torch.no_grad():
         if be == "torch":
-            heat = _reference_flow_mismatch(_checked_model(model, _values_checked(x)), x, K, T, agg,
+            heat = _reference_flow_mismatch(_checked_model(model, _checks.values_checked(x)), x, K, T, agg,
                                             r, int(seed), cond, noise, 0.0, offset)
         else:
             if noise_cache is None:
