@@ -95,11 +95,18 @@ def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
     return chosen
 
 
+def check_backend(backend) -> str:
+    """``backend`` if it names one of BACKENDS, else a ValueError naming the argument (what the
+    ops' resolve() does at a call; modules and pipelines call it when they are configured)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def _resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None or backend == "auto":
         backend = os.environ.get("GEOKERNELS_BACKEND", "auto") or "auto"
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     impl = _OPS[op]
     dev = tensor.device.type
     if dev == "meta" and backend in ("auto", "cpu") and "cpu" in impl and _extension.compiled():

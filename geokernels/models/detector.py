@@ -152,10 +152,9 @@ class FlowMismatchDetector:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        from geokernels._backend import BACKENDS, resolve_device
+        from geokernels._backend import check_backend, resolve_device
 
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.precision = precision
         self.compile = None if compile == "none" else compile
         self.backend = backend

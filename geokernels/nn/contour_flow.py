@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from geokernels._backend import check_backend
 from geokernels.ops.cfss import cfss_iterate
 from geokernels.ops.contour_flow import contour_flow_loss
 
@@ -18,7 +19,7 @@ class ContourFlowLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        _check_backend(backend)
+        check_backend(backend)
         # the arguments are checked now (by the op, on a 2x2 dummy), not at the first forward
         contour_flow_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), eps=eps,
                           reduction=reduction, backend="torch")
@@ -29,13 +30,6 @@ class ContourFlowLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, reduction={self.reduction!r}"
-
-
-def _check_backend(backend) -> None:
-    from geokernels._backend import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _inverse_softplus(v: float) -> float:
@@ -66,7 +60,7 @@ class CFSSBlock(nn.Module):
             unknown = learn - set(CFSS_SCALARS)
             if unknown:
                 raise ValueError(f"learnable must name scalars among {CFSS_SCALARS}, got {sorted(unknown)}")
-        _check_backend(backend)
+        check_backend(backend)
         from geokernels.ops._validate import check_int
 
         check_int(iters, "iters", min_value=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from geokernels._backend import check_backend
 from geokernels.ops import cgpm as _cgpm_op
 from geokernels.ops.cgpm import METHODS
 from geokernels.ops.qc_loss import qc1_loss, qc2_loss
@@ -46,9 +47,7 @@ class QuasiConcavityLoss(nn.Module):
         if unknown:
             raise TypeError(f"QuasiConcavityLoss(order={order}) got unexpected argument(s) {unknown}; "
                             f"it accepts {list(allowed)}")
-        from geokernels.nn.contour_flow import _check_backend
-
-        _check_backend(backend)
+        check_backend(backend)
         # the arguments are checked now (by the op, on an 8x8 dummy), not at the first forward
         (qc2_loss if order == 2 else qc1_loss)(torch.full((1, 1, 8, 8), 0.5), reduction=reduction,
                                                 backend="torch", **loss_kwargs)
@@ -82,10 +81,8 @@ class CGPM(nn.Module):
                  threshold: float = 0.5, track_history: bool = False, backend: str = "auto",
                  **loss_kwargs):
         super().__init__()
-        from geokernels.nn.contour_flow import _check_backend
-
         check_choice(method, "method", METHODS)
-        _check_backend(backend)
+        check_backend(backend)
         if not isinstance(track_history, bool):
             raise TypeError(f"track_history must be a bool, got {type(track_history).__name__}")
         self.threshold = check_real(threshold, "threshold")

@@ -73,12 +73,10 @@ def load_model(checkpoint, device=None, backend: str = "auto"):
     The ops (CFSS iterations, CGPM) run with ``backend`` (default "auto": the best one for the
     device), not the backend the model was trained with: a model trained on a GPU evaluates on a
     CPU and the other way round."""
-    from geokernels._backend import BACKENDS
-    from geokernels._backend import resolve_device
+    from geokernels._backend import check_backend, resolve_device
     from geokernels.segment.train import TrainConfig, build_model, load_checkpoint
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     device = resolve_device(device or "auto")
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig(**{**state["config"], "backend": backend})
