@@ -16,6 +16,8 @@ import argparse
 
 
 def _add_model_args(p, defaults):
+    from geokernels.models.unet import NORMS
+
     p.add_argument("--base-loss", default=None, choices=("bce", "dice", "bce+dice"),
                    help="base segmentation loss (default: bce for cf and cfss, the SPEC "
                         "objectives; bce+dice for the other priors)")
@@ -31,7 +33,7 @@ def _add_model_args(p, defaults):
     p.add_argument("--train-length", type=int, default=None,
                    help="training images (default: shapes 512, coins 360 crops, folder all)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--norm", default=defaults.norm, choices=("batch", "instance", "group", "none"),
+    p.add_argument("--norm", default=defaults.norm, choices=NORMS,
                    help="U-Net normalisation (default %(default)s)")
     _add_backend_arg(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -33,15 +33,12 @@ def _run_dir(out_dir, dataset, prior, seed):
 def _check_reusable(path: str, run: dict, cfg, eval_length) -> None:
     """ValueError unless the finished run in ``path`` was made with ``cfg`` (up to the op
     backend and checkpoint interval) and evaluated on ``eval_length`` images."""
-    from geokernels.segment.train import TrainConfig
-
     saved = run.get("train_config")
     if saved is None:
         raise ValueError(f"out: {path} records no training settings (written by an older "
                          f"geokernels); use another --out")
-    fields = TrainConfig.__dataclass_fields__
-    diff = [f"{k}={saved.get(k, fields[k].default)!r} (now {v!r})" for k, v in cfg.as_dict().items()
-            if k not in ("checkpoint_every", "backend") and saved.get(k, fields[k].default) != v]
+    diff = [f"{k}={old!r} (now {new!r})" for k, (old, new) in
+            cfg.changed_from(saved, ignore=("checkpoint_every", "backend")).items()]
     if run.get("eval_length") != eval_length:
         diff.append(f"eval_length={run.get('eval_length')!r} (now {eval_length!r})")
     if diff:

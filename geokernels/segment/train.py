@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 PRIORS = ("none", "qc1", "qc2", "cgpm", "cf", "cfss")
-NORMS = ("batch", "instance", "group", "none")
 BASE_LOSSES = ("bce", "dice", "bce+dice")
 # prior weights used when --prior-weight is not given; chosen a priori from the loss scales
 # (each qc term about 10-20 % of the BCE+Dice base loss of an untrained U-Net; cf: SPEC 2.3's
@@ -101,9 +100,11 @@ class TrainConfig:
         v = self.train_length
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"train_length must be an int >= 1 or None, got {v!r}")
-        from geokernels._backend import BACKENDS
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        from geokernels._backend import check_backend
+
+        check_backend(self.backend)
+        from geokernels.models.unet import NORMS
+
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         bottom = self.size
@@ -137,6 +138,13 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def changed_from(self, saved: dict, ignore=()) -> dict:
+        """{field: (saved value, value now)} of the fields that differ from ``saved`` (an
+        ``as_dict()`` stored earlier; a field it lacks counts as its default), except ``ignore``."""
+        fields = type(self).__dataclass_fields__
+        return {k: (saved.get(k, fields[k].default), v) for k, v in self.as_dict().items()
+                if k not in ignore and saved.get(k, fields[k].default) != v}
 
 
 def build_model(cfg: TrainConfig, in_channels: int = 1) -> torch.nn.Module:
@@ -242,17 +250,14 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: boo
             raise FileExistsError(f"out: {ckpt_path!r} already exists; pass --resume to continue "
                                   f"that run or choose another --out")
         state = load_checkpoint(ckpt_path)
-        saved = dict(state["config"])
-        mine = cfg.as_dict()
         # the op backend is free: every backend computes the same numbers (to float rounding)
-        diff = [k for k in mine if k not in ("steps", "checkpoint_every", "backend")
-                and saved.get(k, TrainConfig.__dataclass_fields__[k].default) != mine[k]]
+        diff = cfg.changed_from(state["config"], ignore=("steps", "checkpoint_every", "backend"))
         if cfg.prior == "cf" and int(state.get("version", 1)) < 2:
             raise ValueError("resume: this cf checkpoint was trained with the version-1 objective "
                              "base + W * L (now (1 - W) * base + W * L, SPEC 2.3); start a new run")
         if diff:
             raise ValueError("resume: the checkpoint was trained with different settings: " + ", ".join(
-                f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in diff))
+                f"{k}={old!r} (now {new!r})" for k, (old, new) in diff.items()))
     elif resume:
         log(f"resume: no checkpoint in {out_dir!r}; starting from scratch")
 
