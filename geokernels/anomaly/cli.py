@@ -625,63 +625,60 @@ def cmd_train(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     os.makedirs(args.out, exist_ok=True)
     dist_ctx = _Dist(args.device)  # one process group for all categories under torchrun
-    try:
-        splits = {c: _train_split(args, c) for c in categories}
-        common = dict(preset=args.preset, model_kwargs=model_kwargs, config=config,
-                      resume=args.resume, device=dist_ctx.device, progress=not args.quiet,
-                      compile=args.compile_train)
-        if args.time_budget is not None:   # 0 used to be ignored silently
-            if not (math.isfinite(args.time_budget) and args.time_budget > 0):
-                raise SystemExit(f"error: --time-budget must be a number of minutes > 0, got "
-                                 f"{args.time_budget}")
-            share = len(categories) if mode == "per-category" else 1
-            common["time_budget_s"] = args.time_budget * 60.0 / share
-        t0 = time.perf_counter()
-        runs = {}
-        if mode == "per-category":
-            models = {}
-            for c, (ds, _) in splits.items():
-                r = _train_or_exit(train, ds, checkpoint=os.path.join(args.out, f"train_{c}.pt"),
-                                   **common)
-                models[c], runs[c] = r.model, r
-            det = FlowMismatchDetector(models, device=dist_ctx.device)
-        else:
-            data = {c: ds for c, (ds, _) in splits.items()}
-            if mode == "single":
-                data = data[categories[0]]
-            r = _train_or_exit(train, data, checkpoint=os.path.join(args.out, "train.pt"),
-                               class_conditional=(mode == "conditional") if mode != "single"
-                               else None, **common)
-            runs["all"] = r
-            det = FlowMismatchDetector(r.model, class_names=r.class_names, device=dist_ctx.device)
-        seconds = time.perf_counter() - t0
-        det.metadata = {"dataset": args.dataset, "categories": list(categories), "mode": mode,
-                        "num_train": args.num_train, "data_seed": args.data_seed,
-                        "holdout": args.holdout if args.dataset != "textures" else 0,
-                        "image_size": args.image_size, "preset": args.preset,
-                        "model_kwargs": {k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in model_kwargs.items()},
-                        "train_config": {k: (list(v) if isinstance(v, tuple) else v)
-                                         for k, v in vars(config).items()},
-                        "argv": list(sys.argv),
-                        "options": {k: v for k, v in vars(args).items() if not k.startswith("_")
-                                    and isinstance(v, (str, int, float, bool, list, type(None)))}}
-        if dist_ctx.main:
-            path = det.save(os.path.join(args.out, "detector.pt"))
-            log = {"detector": path, "seconds": seconds, "mode": mode, "world_size": dist_ctx.world,
-                   "device": str(dist_ctx.device), "metadata": det.metadata,
-                   "parameters_per_model": next(iter(det.members.values())).num_parameters(),
-                   "runs": {k: {"steps": r.step,
-                                # NaN when no step ran (a finished run resumed): JSON null
-                                "images_per_second": _finite_or_none(r.images_per_second),
-                                "seconds_per_step": _finite_or_none(r.seconds_per_step),
-                                "first_losses": r.losses[:10], "last_losses": r.losses[-10:],
-                                "loss_curve": _curve(r.losses)}
-                            for k, r in runs.items()}}
-            write_json_atomic(os.path.join(args.out, "train_log.json"), log, default=float)
-            print(f"wrote {path} ({seconds:.1f} s)")
-    finally:
-        dist_ctx.close()
+    splits = {c: _train_split(args, c) for c in categories}
+    common = dict(preset=args.preset, model_kwargs=model_kwargs, config=config,
+                  resume=args.resume, device=dist_ctx.device, progress=not args.quiet,
+                  compile=args.compile_train)
+    if args.time_budget is not None:   # 0 used to be ignored silently
+        if not (math.isfinite(args.time_budget) and args.time_budget > 0):
+            raise SystemExit(f"error: --time-budget must be a number of minutes > 0, got "
+                             f"{args.time_budget}")
+        share = len(categories) if mode == "per-category" else 1
+        common["time_budget_s"] = args.time_budget * 60.0 / share
+    t0 = time.perf_counter()
+    runs = {}
+    if mode == "per-category":
+        models = {}
+        for c, (ds, _) in splits.items():
+            r = _train_or_exit(train, ds, checkpoint=os.path.join(args.out, f"train_{c}.pt"),
+                               **common)
+            models[c], runs[c] = r.model, r
+        det = FlowMismatchDetector(models, device=dist_ctx.device)
+    else:
+        data = {c: ds for c, (ds, _) in splits.items()}
+        if mode == "single":
+            data = data[categories[0]]
+        r = _train_or_exit(train, data, checkpoint=os.path.join(args.out, "train.pt"),
+                           class_conditional=(mode == "conditional") if mode != "single"
+                           else None, **common)
+        runs["all"] = r
+        det = FlowMismatchDetector(r.model, class_names=r.class_names, device=dist_ctx.device)
+    seconds = time.perf_counter() - t0
+    det.metadata = {"dataset": args.dataset, "categories": list(categories), "mode": mode,
+                    "num_train": args.num_train, "data_seed": args.data_seed,
+                    "holdout": args.holdout if args.dataset != "textures" else 0,
+                    "image_size": args.image_size, "preset": args.preset,
+                    "model_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in model_kwargs.items()},
+                    "train_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                     for k, v in vars(config).items()},
+                    "argv": list(sys.argv),
+                    "options": {k: v for k, v in vars(args).items() if not k.startswith("_")
+                                and isinstance(v, (str, int, float, bool, list, type(None)))}}
+    if dist_ctx.main:
+        path = det.save(os.path.join(args.out, "detector.pt"))
+        log = {"detector": path, "seconds": seconds, "mode": mode, "world_size": dist_ctx.world,
+               "device": str(dist_ctx.device), "metadata": det.metadata,
+               "parameters_per_model": next(iter(det.members.values())).num_parameters(),
+               "runs": {k: {"steps": r.step,
+                            # NaN when no step ran (a finished run resumed): JSON null
+                            "images_per_second": _finite_or_none(r.images_per_second),
+                            "seconds_per_step": _finite_or_none(r.seconds_per_step),
+                            "first_losses": r.losses[:10], "last_losses": r.losses[-10:],
+                            "loss_curve": _curve(r.losses)}
+                        for k, r in runs.items()}}
+        write_json_atomic(os.path.join(args.out, "train_log.json"), log, default=float)
+        print(f"wrote {path} ({seconds:.1f} s)")
     return 0
 
 

@@ -296,9 +296,6 @@ class _Dist:
             value /= self.world
         return value
 
-    def close(self):
-        """Nothing to release: a process group created here lives until the process exits."""
-
 
 def _destroy_process_group():
     import torch.distributed as dist
@@ -445,7 +442,6 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
                            dist_ctx, progress, compile, time_budget_s)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark   # a global: leave it as it was
-        dist_ctx.close()
 
 
 def _train_loop(images, labels, class_names, model, config, checkpoint, resume, dist_ctx,
