@@ -32,6 +32,23 @@ def test_compile_fullgraph_with_a_float_argument_that_changes(u):
     torch.testing.assert_close(h(u, T, 1e-6), gk.contour_flow_loss(u, T, eps=1e-6))
 
 
+
+def test_compile_fullgraph_anomaly_score_with_a_topk_that_changes():
+    """topk was read through str() (its exact decimal), which a symbolic float has not: a second
+    topk broke the fullgraph compile. The symbolic path must give the decimal rule's k, including
+    where float rounding alone would not (0.07 * 100 = 7.000000000000001 -> k = 7, not 8)."""
+    torch._dynamo.reset()
+    h = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(1))
+    f = torch.compile(lambda x, t: gk.anomaly_score(x, topk=t), fullgraph=True,
+                      backend="aot_eager")
+    for topk in (0.01, 0.07, 0.29, 0.5, 1.0):
+        want = gk.anomaly_score(h, topk=topk)
+        k = {0.01: 1, 0.07: 7, 0.29: 29, 0.5: 50, 1.0: 100}[topk]
+        top = h.reshape(3, -1).sort(dim=1, descending=True).values[:, :k].mean(dim=1)
+        torch.testing.assert_close(want, h.reshape(3, -1).amax(dim=1) + top)
+        torch.testing.assert_close(f(h, topk), want)
+
+
 def test_vmap_and_make_fx_with_the_default_value_checks(u):
     """The NaN/Inf checks read data (bool(tensor)), which vmap's batched tensors and make_fx's
     proxies cannot give: they failed with errors that never named geokernels."""

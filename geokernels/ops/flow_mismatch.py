@@ -371,6 +371,19 @@ def smooth_heatmap(heat: torch.Tensor, sigma: float, truncate: float = 4.0) -> t
     return out.view(B, H, W).contiguous()
 
 
+def _topk_count(topk, n):
+    """ceil(topk * n), at least 1, with topk read as the exact decimal it prints as (0.07 * 100
+    is 7, not the 8 that float rounding gives). Under torch.compile a topk that changed between
+    calls is a symbolic float, which has no decimal text: there the float product is taken
+    2**-50 (relative) low, more than its rounding error, which gives the same k for every topk
+    with at most 7 decimal places on maps of up to 10**8 pixels."""
+    if torch.compiler.is_compiling():
+        return max(1, math.ceil(topk * n * (1.0 - 2.0 ** -50)))
+    # exact, in integers, and traceable when n is symbolic
+    frac = Fraction(str(topk))
+    return max(1, -((-frac.numerator * n) // frac.denominator))
+
+
 @float32_under_autocast
 def anomaly_score(heatmap: torch.Tensor, mode: str = "max+topk", topk: float = 0.01) -> torch.Tensor:
     """Image anomaly scores from heatmaps (SPEC.md 3).
@@ -395,9 +408,7 @@ def anomaly_score(heatmap: torch.Tensor, mode: str = "max+topk", topk: float = 0
     topk = check_real(topk, "topk", min_value=0.0, min_inclusive=False, max_value=1.0)
     _checks.check_finite(heatmap, "heatmap")
     flat = heatmap.reshape(-1, heatmap.shape[-2] * heatmap.shape[-1])
-    # ceil(topk * HW) in integers: exact, and traceable when HW is symbolic (torch.compile)
-    frac = Fraction(str(topk))
-    k = max(1, -((-frac.numerator * flat.shape[1]) // frac.denominator))
+    k = _topk_count(topk, flat.shape[1])
     mx = flat.amax(dim=1)
     if mode == "max":
         out = mx
