@@ -158,6 +158,9 @@ def test_bad_datasets_and_options():
         train(torch.rand(4, 3, 15, 15), steps=1, **FAST)
     with pytest.raises(ValueError, match="NaN"):
         train(torch.full((4, 3, 16, 16), float("nan")), steps=1, **FAST)
+    # a grayscale (N, H, W) stack trained as one N-channel image before
+    with pytest.raises(ValueError, match=r"3-D tensor of shape \(16, 16, 16\).*x\[:, None\]"):
+        train(torch.rand(16, 16, 16), steps=1, **FAST)
     from geokernels.models import VelocityUNet
 
     with pytest.raises(ValueError, match="channels"):

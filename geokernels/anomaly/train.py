@@ -177,8 +177,10 @@ def load_normal_images(dataset, name: str = "dataset", progress: bool = False) -
     """
     if isinstance(dataset, torch.Tensor):
         images = dataset
-        if images.dim() == 3:
-            images = images[None]
+        if images.dim() == 3:   # one (C, H, W) image or a grayscale (N, H, W) stack: ambiguous
+            raise ValueError(f"{name} must be a (N, C, H, W) tensor, got a 3-D tensor of shape "
+                             f"{tuple(images.shape)}: pass x[None] for one (C, H, W) image or "
+                             f"x[:, None] for a stack of N grayscale (H, W) images")
     else:
         try:
             n = len(dataset)
