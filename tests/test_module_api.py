@@ -86,6 +86,20 @@ def test_cfssnet_loss_rejects_a_0_255_mask(cfss_batch):
     assert math.isfinite(float(total.detach())) and parts["bce"] < 5
 
 
+
+def test_cfssnet_loss_mask_check_steps_aside_under_torch_compile(cfss_batch):
+    """The [0, 1] mask check had its own gate, which ignored tracers: under torch.compile it
+    branched on mask.min()/max() data (two extra graph breaks, 'generic_jump')."""
+    import geokernels as gk
+
+    net, x, mask = cfss_batch
+    flow = gk.contour_flow_field(mask)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda x, m, f: net.loss({"image": x, "mask": m, "flow": f}))(
+        x, mask, flow)
+    assert not [r for r in ex.break_reasons if "generic_jump" in str(r.reason)]
+
+
 # ---- FlowMismatchDetector ------------------------------------------------------------------------
 def test_detector_leaves_the_callers_model_alone():
     """Wrapping a live model to evaluate during training froze it (eval, requires_grad off,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from geokernels._checks import get_checks
+from geokernels._checks import values_checked
 from geokernels.models.unet import UNet
 from geokernels.nn.contour_flow import CFSSBlock
 from geokernels.ops.contour_flow import contour_flow_loss
@@ -133,9 +133,8 @@ class CFSSNet(nn.Module):
         if tuple(mask.shape) != tuple(z.shape):
             raise ValueError(f"mask must have the shape of the logits {tuple(z.shape)}, got "
                              f"{tuple(mask.shape)}")
-        checks = get_checks()   # a value scan syncs a CUDA device: CPU only by default
-        if mask.numel() and (checks == "always" or checks == "cpu" and mask.device.type == "cpu") \
-                and (mask.min() < 0 or mask.max() > 1):
+        # a value scan syncs a CUDA device (CPU only by default) and cannot run under a tracer
+        if mask.numel() and values_checked(mask) and (mask.min() < 0 or mask.max() > 1):
             raise ValueError(f"mask values must lie in [0, 1] (a 0/255 mask would train BCE "
                              f"against 255), got [{float(mask.min())}, {float(mask.max())}]")
         if flow_gt is not None and tuple(flow_gt.shape) != tuple(flow.shape):
