@@ -211,3 +211,24 @@ def test_folder_palette_masks_by_index(tmp_path):
     (tmp_path / "masks").mkdir()
     pal.save(tmp_path / "masks" / "a.png")
     assert SegmentationFolder(tmp_path)[0][1].sum() == 9
+
+
+def test_16bit_png_opened_as_mode_i_by_older_pillow(tmp_path, monkeypatch):
+    """Older Pillow opens a 16-bit grayscale PNG as mode "I". The folder's fallback for it never
+    fired (Image.copy() drops .format) and the anomaly loaders refused mode "I" outright, so both
+    rejected ordinary 16-bit PNGs; they now share one decoder (data._io.deep_gray)."""
+    from PIL import PngImagePlugin
+
+    from geokernels.data._io import load_image
+
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))   # the old mapping
+    deep = (np.arange(12 * 16).reshape(12, 16) * 300).astype(np.uint16)
+    _write(tmp_path / "images", "a.png", deep)
+    _write(tmp_path / "masks", "a.png", (deep > 20000).astype(np.uint8) * 255)
+    with Image.open(tmp_path / "images" / "a.png") as im:
+        assert im.mode == "I"                       # the patch took effect
+    image, mask = SegmentationFolder(tmp_path)[0]
+    np.testing.assert_allclose(image[0].numpy(), deep / 65535.0, rtol=0, atol=1e-7)
+    rgb, native = load_image(tmp_path / "images" / "a.png", None)
+    assert native == (12, 16) and rgb.shape == (3, 12, 16)
+    np.testing.assert_allclose(rgb[1].numpy(), deep / 65535.0, rtol=0, atol=1e-7)

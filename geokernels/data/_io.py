@@ -100,25 +100,47 @@ def list_subdirs(directory: Path, what: str) -> list[Path]:
     return subdirs
 
 
-def _open(path: Path):
+def open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
+            out = img.copy()
+            out.format = img.format     # copy() drops it; deep_gray needs it
+            return out
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
 
 
+def deep_gray(img, path) -> np.ndarray | None:
+    """(H, W) float32 in [0, 1] of a 16-bit or float single-channel image, None for the 8-bit
+    modes (which Pillow converts). 32-bit integers and floats outside [0, 1] are errors naming
+    ``path``: their scale is unknown."""
+    if img.mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "I":
+        arr = np.asarray(img)
+        if img.format == "PNG" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
+            return arr.astype(np.float32) / 65535.0       # a 16-bit PNG as older Pillow opens it
+        raise DatasetError(f"image {path} has 32-bit integer pixels (mode 'I'), whose scale is "
+                           f"unknown; save it as 8- or 16-bit, or as float in [0, 1]")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise DatasetError(f"image {path} has float pixels outside [0, 1] (range "
+                               f"[{np.nanmin(arr):g}, {np.nanmax(arr):g}]); rescale it to [0, 1]")
+        return arr
+    return None
+
+
 def _to_float_array(img, path: Path) -> np.ndarray:
-    """(H, W, C) float32 in [0, 1] from 8-bit, 16-bit or palette images."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return (np.asarray(img, dtype=np.float32) / 65535.0)[..., None]
-    if img.mode in ("I", "F"):
-        raise DatasetError(f"image {path} has mode {img.mode!r} (32-bit); expected 8- or 16-bit")
+    """(H, W, C) float32 in [0, 1] from 8-bit, 16-bit, float or palette images."""
+    deep = deep_gray(img, path)
+    if deep is not None:
+        return deep[..., None]
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")             # palette, RGBA (alpha dropped), CMYK, 1-bit, LA
     arr = np.asarray(img, dtype=np.float32) / 255.0
@@ -139,7 +161,7 @@ def _resize(t: torch.Tensor, size: int | None, mode: str) -> torch.Tensor:
 
 def load_image(path: Path, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """(3, size, size) float32 in [0, 1] (grayscale replicated to RGB) and the native (H, W)."""
-    img = _open(path)
+    img = open_image(path)
     arr = _to_float_array(img, path)
     native = arr.shape[:2]
     if arr.shape[2] == 1:
@@ -154,7 +176,7 @@ def load_mask(path: Path, size: int | None, native: tuple[int, int],
     resized with nearest-neighbour so it stays binary. Its native size must equal the image's.
     An alpha channel is ignored (an opaque black background is not a defect) and a palette
     image is read by its colours, not its indices."""
-    img = _open(path)
+    img = open_image(path)
     if img.mode in ("P", "PA"):
         img = img.convert("RGB")
     arr = np.asarray(img)

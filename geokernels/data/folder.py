@@ -25,6 +25,8 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from geokernels.data._io import deep_gray, open_image
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -49,38 +51,6 @@ def _list_images(folder: str) -> dict[str, str]:
         warnings.warn(f"skipped {len(skipped)} non-image entr{'y' if len(skipped) == 1 else 'ies'}"
                       f" in {folder!r}, e.g. {skipped[:3]}", stacklevel=3)
     return images
-
-
-def _open_image(path: str):
-    """PIL image of ``path``, fully decoded; unreadable files are a ValueError naming them."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path!r}: {exc}") from None
-
-
-def _deep_gray(im, path: str) -> np.ndarray | None:
-    """(H, W) float32 in [0, 1] of a 16-bit or float single-channel image, None for the 8-bit
-    modes (which Pillow converts). 32-bit integers and floats outside [0, 1] are errors."""
-    if im.mode.startswith("I;16"):
-        return np.asarray(im, dtype=np.float32) / 65535.0
-    if im.mode == "I":
-        arr = np.asarray(im)
-        if im.format == "PNG" and arr.size and 0 <= arr.min() and arr.max() <= 65535:
-            return arr.astype(np.float32) / 65535.0       # a 16-bit PNG as older Pillow opens it
-        raise ValueError(f"image {path!r} has 32-bit integer pixels (mode 'I'), whose scale is "
-                         f"unknown; save it as 8- or 16-bit, or as float in [0, 1]")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
-            raise ValueError(f"image {path!r} has float pixels outside [0, 1] (range "
-                             f"[{np.nanmin(arr):g}, {np.nanmax(arr):g}]); rescale it to [0, 1]")
-        return arr
-    return None
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -163,7 +133,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def _load_mask(self, path: str) -> np.ndarray:
-        im = _open_image(path)
+        im = open_image(path)
         raw = im.mode in ("L", "1", "I", "F", "P") or im.mode.startswith("I;16")
         arr = np.asarray(im if raw else im.convert("L"))    # palette: the indices
         arr = arr.astype(np.float64)
@@ -183,8 +153,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
         from PIL import Image
 
         ip, mp = self.pairs[index]
-        im = _open_image(ip)
-        deep = _deep_gray(im, ip)
+        im = open_image(ip)
+        deep = deep_gray(im, ip)
         if deep is None:                                  # 8-bit: Pillow converts and resizes
             im = im.convert("L" if self.grayscale else "RGB")
             if self.size is not None:
