@@ -347,3 +347,16 @@ def test_limit_spreads_over_defect_types():
     assert sorted(picked) == ["crack", "crack", "hole", "hole", "scratch"]
     assert [i for i in idx if not labels[i]] == [0, 1, 2, 3]
     assert len(_limited(Fake(), labels, 100)) == len(labels)
+
+
+def test_texture_calibration_note_does_not_claim_held_out_crops():
+    """The texture photos have no normal rows outside training: the calibration crops are unused
+    crops of the training rows, whose pixels the model was trained on. The note said 'not used in
+    training' (read as held out), and the published calibrated figures inherited that."""
+    from types import SimpleNamespace
+
+    from geokernels.anomaly import cli as acli
+
+    det = SimpleNamespace(metadata={"num_train": 3, "data_seed": 0})
+    calib, note = acli._calibration_set(det, "textures", None, "brick", 16, 2)
+    assert len(calib) == 2 and "not held out" in note and "overlap" in note

@@ -129,14 +129,17 @@ def _train_split(args, category):
 
 
 def _calibration_set(det, dataset, root, category, size, n_images):
-    """Held-out normal images for the calibrated variant, and a note on where they came from."""
+    """Normal images for the calibrated variant, and a note on where they came from (held out
+    only where the dataset has unseen normal images: the texture photos have no normal region
+    outside the training rows, so their calibration crops overlap the training crops)."""
     meta = det.metadata or {}
     if dataset == "textures":
         num_train = int(meta.get("num_train") or 200)
         ds = open_dataset("textures", None, category, "train", size,
                           num_train=num_train + n_images, seed=int(meta.get("data_seed", 0)))
         return _Subset(ds, range(num_train, num_train + n_images)), \
-            f"{n_images} extra train-region crops not used in training"
+            f"{n_images} extra crops from the training rows (not training crops, but their " \
+            f"pixels overlap them: not held out, so the calibration is optimistic)"
     ds = open_dataset(dataset, root, category, "train", size)
     holdout = int(meta.get("holdout") or 0)
     if holdout:
