@@ -316,6 +316,30 @@ def test_cuda_matches_cpu_worst_cases():
                 assert torch.equal(a, b.cpu())
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("W", [6134, 6135, 6144, 6145])
+def test_cuda_row_envelope_at_the_48k_shared_memory_edge(W):
+    """8 W bytes of envelope plus the row kernel's static shared memory crossed the default
+    48 KiB at W = 6135..6144 without the limit being raised: 'invalid argument' on every GPU."""
+    mask = random_mask((1, 1, 3, W), density=0.3, seed=W)
+    a = geokernels.distance_transform(mask, backend="cpu", dtype=torch.float64)
+    b = geokernels.distance_transform(mask.cuda(), backend="cuda", dtype=torch.float64)
+    assert torch.equal(a, b.cpu())
+
+
+def test_cuda_dynamic_shared_memory_limits_are_raised_in_one_place():
+    """Raising a kernel's dynamic shared-memory limit by hand (with a guess of its static part)
+    is how distance.cu launched over the limit; smem.cuh's allow_dynamic_smem reads the real one."""
+    from pathlib import Path
+
+    bad = [f"{p.name}:{n}" for p in sorted((Path(__file__).parent.parent / "csrc" / "cuda")
+                                            .glob("*.cu"))
+           for n, line in enumerate(p.read_text().splitlines(), 1)
+           if "cudaFuncAttributeMaxDynamicSharedMemorySize" in line]
+    assert not bad, "use allow_dynamic_smem (smem.cuh): " + ", ".join(bad)
+
+
 # ---- bad input --------------------------------------------------------------------------------
 BAD = [
     (lambda: torch.ones(3, 4, 5), {}, ValueError, "mask"),

@@ -22,6 +22,7 @@
 
 #include "cpu/distance_math.h"
 #include "geokernels/op_args.h"
+#include "smem.cuh"
 
 namespace geokernels {
 namespace cuda {
@@ -197,17 +198,16 @@ void row_pass(const at::Tensor& g, const at::Tensor& flags, int64_t planes, int6
   const int64_t rows = planes * H;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, kMaxBlocks));
   // the envelope lives in shared memory: 8 W bytes, up to what the device allows per block
-  int device = 0, max_shared = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t static_bytes = static_cast<int64_t>(sizeof(long long)) * (kThreads / 32 + 1) + 64;
+  // beside the kernel's static shared memory (an estimate of that static part launched widths
+  // 6135-6144 over the default 48 KiB without raising the limit: "invalid argument")
   const int64_t env_bytes = 2 * W * static_cast<int64_t>(sizeof(int32_t));
   // (W <= kScanStepsPerPixelCuda: the scan's cost bound can never exceed the threshold)
-  const bool use_envelope = W > kScanStepsPerPixelCuda && env_bytes + static_bytes <= max_shared;
+  const bool use_envelope = W > kScanStepsPerPixelCuda &&
+                            static_cast<size_t>(env_bytes) <= max_dynamic_smem(edt_row_kernel<S>);
   const int shared = use_envelope ? static_cast<int>(env_bytes) : 0;
-  if (shared > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(edt_row_kernel<S>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  if (use_envelope) {
+    allow_dynamic_smem(edt_row_kernel<S>, static_cast<size_t>(shared), "distance_transform row pass",
+                       "unreachable: wider rows take the scan path");
   }
   edt_row_kernel<S><<<blocks, threads, shared, stream>>>(
       g.data_ptr<int32_t>(), flags.data_ptr<int>(), planes, H, W, mode, use_envelope, out);
