@@ -527,6 +527,30 @@ def test_cuda_large_k_and_low_precision():
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_large_k_half_keeps_mismatches_in_float32(dtype):
+    """K > 96 on CUDA takes a global (B, K, H, W) buffer; it was in x's dtype, so every mismatch
+    was rounded to half before the rank (unlike K <= 96 and Triton) and one above 65504 became
+    inf, which the checks reported as 'NaN or Inf velocities' from a finite model."""
+    x = torch.rand(1, 1, 5, 6, device="cuda").to(dtype)
+
+    def loud(x_t, t, cond):   # |v - (x - eps)| ~ 300: mismatches ~ 9e4, finite in float32
+        return torch.full_like(x_t, 300.0)
+
+    geokernels.set_checks("always")
+    try:
+        out = geokernels.flow_mismatch(loud, x, K=100, T=2, agg="median", backend="cuda")
+    finally:
+        geokernels.set_checks("cpu")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.min() > 1e4
+    model = MixingModel(1)
+    a = geokernels.flow_mismatch(model, x, K=100, T=2, agg="median", backend="cuda")
+    b = geokernels.flow_mismatch(model, x, K=100, T=2, agg="median", backend="triton")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_nonfinite_checks():
     x = torch.rand(1, 1, 4, 5, device="cuda")
     geokernels.set_checks("always")

@@ -143,10 +143,10 @@ __device__ __forceinline__ void mismatch_quad(const FmDev<scalar_t>& g, const sc
   }
 }
 
-template <class scalar_t, class opmath_t>
+template <class scalar_t, class opmath_t, class out_t = scalar_t>
 __global__ void delta_kernel(FmDev<scalar_t> g, const scalar_t* __restrict__ v,
                              const scalar_t* __restrict__ x, int64_t path_start, int64_t count,
-                             scalar_t* __restrict__ out) {
+                             out_t* __restrict__ out) {
   const int64_t quads = (g.HW + 3) / 4, CHW = g.C * g.HW;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < count * quads;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -157,7 +157,7 @@ __global__ void delta_kernel(FmDev<scalar_t> g, const scalar_t* __restrict__ v,
     mismatch_quad<scalar_t, opmath_t>(g, v + local * CHW, x + b * CHW, n, b, k, p0, valid, d);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      if (i < valid) out[local * g.HW + p0 + i] = static_cast<scalar_t>(d[i]);
+      if (i < valid) out[local * g.HW + p0 + i] = static_cast<out_t>(d[i]);
   }
 }
 
@@ -429,10 +429,12 @@ at::Tensor flow_mismatch_accumulate_cuda(at::Tensor& heat, const at::Tensor& v_i
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    // very large K: mismatches through a global (B, K, H, W) buffer, then the aggregate kernel
-    at::Tensor delta = at::empty({s.B, s.K, s.H, s.W}, x.options());
-    delta_kernel<scalar_t, opmath_t><<<grid_for(s.B * s.K * quads, kThreads), kThreads, 0, stream>>>(
-        geo, v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), 0, s.B * s.K, delta.data_ptr<scalar_t>());
+    // very large K: mismatches through a global (B, K, H, W) buffer, then the aggregate kernel.
+    // The buffer is in opmath like the shared-memory path and Triton's: a float16 one rounded
+    // every mismatch before the rank (and turned those above 65504 into inf).
+    at::Tensor delta = at::empty({s.B, s.K, s.H, s.W}, x.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    delta_kernel<scalar_t, opmath_t, opmath_t><<<grid_for(s.B * s.K * quads, kThreads), kThreads, 0, stream>>>(
+        geo, v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), 0, s.B * s.K, delta.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_aggregate(work, delta, weight, rank, mean, flag);
   });
