@@ -551,6 +551,22 @@ def test_cuda_large_k_half_keeps_mismatches_in_float32(dtype):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_heatmaps_do_not_depend_on_chunk_or_noise_cache(backend, dtype):
+    """For float16/bfloat16 x, chunk < K (mismatches through the delta op) and noise_cache=True
+    (eps cached in x's dtype) each rounded in half precision what the default path keeps in
+    float32: heatmaps moved by ~1e-3 relative with a memory/speed option."""
+    x = torch.rand(3, 2, 7, 9, device="cuda").to(dtype)
+    model = MixingModel(2)
+    base = geokernels.flow_mismatch(model, x, K=6, T=3, agg="median", backend=backend)
+    for kwargs in ({"chunk": 4}, {"chunk": 1}, {"noise_cache": True}):
+        out = geokernels.flow_mismatch(model, x, K=6, T=3, agg="median", backend=backend, **kwargs)
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-6, msg=str(kwargs))
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_nonfinite_checks():
     x = torch.rand(1, 1, 4, 5, device="cuda")
     geokernels.set_checks("always")

@@ -143,10 +143,11 @@ __device__ __forceinline__ void mismatch_quad(const FmDev<scalar_t>& g, const sc
   }
 }
 
-template <class scalar_t, class opmath_t, class out_t = scalar_t>
+// mismatches are written in opmath (float32 for float16/bfloat16 x): no rounding before the rank
+template <class scalar_t, class opmath_t>
 __global__ void delta_kernel(FmDev<scalar_t> g, const scalar_t* __restrict__ v,
                              const scalar_t* __restrict__ x, int64_t path_start, int64_t count,
-                             out_t* __restrict__ out) {
+                             opmath_t* __restrict__ out) {
   const int64_t quads = (g.HW + 3) / 4, CHW = g.C * g.HW;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < count * quads;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -157,7 +158,7 @@ __global__ void delta_kernel(FmDev<scalar_t> g, const scalar_t* __restrict__ v,
     mismatch_quad<scalar_t, opmath_t>(g, v + local * CHW, x + b * CHW, n, b, k, p0, valid, d);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      if (i < valid) out[local * g.HW + p0 + i] = static_cast<out_t>(d[i]);
+      if (i < valid) out[local * g.HW + p0 + i] = d[i];
   }
 }
 
@@ -364,7 +365,8 @@ at::Tensor flow_mismatch_delta_cuda(const at::Tensor& v_in, const at::Tensor& x_
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const at::Tensor noise = contiguous_or_undefined(noise_in);
-  at::Tensor out = at::empty({count, s.H, s.W}, x.options());
+  // mismatches in opmath: float32 for float16/bfloat16 x (no rounding before the rank)
+  at::Tensor out = at::empty({count, s.H, s.W}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (count == 0) return out;
   const int64_t quads = (s.HW() + 3) / 4;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -372,7 +374,7 @@ at::Tensor flow_mismatch_delta_cuda(const at::Tensor& v_in, const at::Tensor& x_
     using opmath_t = at::opmath_type<scalar_t>;
     delta_kernel<scalar_t, opmath_t><<<grid_for(count * quads, kThreads), kThreads, 0, stream>>>(
         device_geometry<scalar_t>(s, seed, image_offset, noise), v.data_ptr<scalar_t>(),
-        x.data_ptr<scalar_t>(), path_start, count, out.data_ptr<scalar_t>());
+        x.data_ptr<scalar_t>(), path_start, count, out.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -432,8 +434,8 @@ at::Tensor flow_mismatch_accumulate_cuda(at::Tensor& heat, const at::Tensor& v_i
     // very large K: mismatches through a global (B, K, H, W) buffer, then the aggregate kernel.
     // The buffer is in opmath like the shared-memory path and Triton's: a float16 one rounded
     // every mismatch before the rank (and turned those above 65504 into inf).
-    at::Tensor delta = at::empty({s.B, s.K, s.H, s.W}, x.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
-    delta_kernel<scalar_t, opmath_t, opmath_t><<<grid_for(s.B * s.K * quads, kThreads), kThreads, 0, stream>>>(
+    at::Tensor delta = at::empty({s.B, s.K, s.H, s.W}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+    delta_kernel<scalar_t, opmath_t><<<grid_for(s.B * s.K * quads, kThreads), kThreads, 0, stream>>>(
         geo, v.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), 0, s.B * s.K, delta.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_aggregate(work, delta, weight, rank, mean, flag);

@@ -191,7 +191,7 @@ def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, 
     for b0, b1 in groups:
         xg = x[b0:b1]
         ng = noise[b0:b1] if noise is not None else None
-        if ng is None and noise_cache and chunk >= K:
+        if ng is None and noise_cache and chunk >= K and heat.dtype == x.dtype:
             # the group's K noise tensors, drawn once from the same stream and read by the
             # explicit-noise kernels for all T steps (one model input's worth of memory)
             ng = kern.noise(xg, seed, offset + b0, K)
@@ -204,7 +204,7 @@ def _score_fused(kern, model, x, K, T, rank, mean, r, seed, cond, noise, chunk, 
                 bad = kern.accumulate_(hg, v, xg, ng, w, seed, offset + b0, K, rank, mean)
                 del v  # before the next step's x_t exists
             else:  # one image's paths over several calls: (1, K, H, W) mismatch buffer
-                delta = torch.empty(1, K, H, W, dtype=x.dtype, device=x.device)
+                delta = torch.empty(1, K, H, W, dtype=_heat_dtype(x.dtype), device=x.device)
                 for k0 in range(0, K, chunk):
                     k1 = min(k0 + chunk, K)
                     x_t = kern.paths(xg, ng, t, seed, offset + b0, K, k0, k1 - k0)
@@ -273,7 +273,8 @@ def flow_mismatch(
             same stream, and reuses them for the T steps (one extra model input of memory, 2T
             times fewer Philox evaluations). None (default) = True on the C++ CPU backend, where
             the generator is the bottleneck, False on CUDA/Triton, where it is free. The
-            heatmaps are identical either way. Ignored when chunk < K (always regenerated).
+            heatmaps are identical either way. Ignored when chunk < K, and for float16/bfloat16
+            x (a cache in x's dtype would round eps; the kernels regenerate it in float32).
 
     Returns:
         (B, H, W) heatmaps; dtype of x (float32 for float16/bfloat16 inputs).
@@ -325,8 +326,9 @@ def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_
                         backend: str = "auto") -> torch.Tensor:
     """The noise eps (B, K, C, H, W) that flow_mismatch regenerates for images x (SPEC.md 3).
 
-    Values are float32 normals (exactly representable in every supported dtype) from the Philox
-    stream documented in csrc/include/geokernels/philox.h; returned in x's dtype. The C++, CUDA
+    Values are float32 normals from the Philox stream documented in
+    csrc/include/geokernels/philox.h, returned in x's dtype (exact for float32/float64; float16
+    and bfloat16 round them, where flow_mismatch itself keeps them in float32). The C++, CUDA
     and Triton backends return identical bits; backend="torch" evaluates the same formulas in
     float64 (equal to float32 rounding).
     """
@@ -429,7 +431,7 @@ def _paths_fake(x, noise, t, seed, image_offset, num_paths, path_start, path_cou
 
 
 def _delta_fake(v, x, noise, seed, image_offset, num_paths, path_start):
-    return x.new_empty((v.shape[0],) + tuple(x.shape[2:]))
+    return x.new_empty((v.shape[0],) + tuple(x.shape[2:]), dtype=_heat_dtype(x.dtype))
 
 
 def _accumulate_fake(heat, v, x, noise, weight, seed, image_offset, num_paths, rank, mean):

@@ -413,7 +413,8 @@ def delta(v: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], seed:
     x, v = x.contiguous(), v.contiguous()
     B, C, H, W = x.shape
     count = v.shape[0]
-    out = torch.empty(count, H, W, dtype=x.dtype, device=x.device)
+    # mismatches in the compute dtype: float32 for float16/bfloat16 x (no rounding before the rank)
+    out = torch.empty(count, H, W, dtype=compute_torch_dtype(x.dtype), device=x.device)
     if count:
         _launch_delta(out, v, x, noise, seed, image_offset, num_paths, path_start)
     return out
@@ -433,7 +434,7 @@ def _launch_delta(out, v, x, noise, seed, image_offset, num_paths, path_start):
 
 @delta.register_fake
 def _(v, x, noise, seed, image_offset, num_paths, path_start):
-    return x.new_empty((v.shape[0],) + tuple(x.shape[2:]))
+    return x.new_empty((v.shape[0],) + tuple(x.shape[2:]), dtype=compute_torch_dtype(x.dtype))
 
 
 @torch.library.custom_op("geokernels_triton::flow_mismatch_accumulate_", mutates_args=("heat",))
