@@ -28,10 +28,24 @@ def _params():
     return out
 
 
+_EXPECTED: dict[int, object] = {}
+
+
+def _expected(case):
+    """What every row of ``case`` must compute: Case.expected(), else the reference's output
+    (once per case)."""
+    if id(case) not in _EXPECTED:
+        _EXPECTED[id(case)] = (case.expected or case.make_step("reference"))()
+    return _EXPECTED[id(case)]
+
+
 @pytest.mark.parametrize("case,impl", _params())
 def test_kernel(benchmark, case, impl):
     step = case.make_step(impl)
-    step()  # warm-up (and compilation for the "compiled" row)
+    out = step()  # warm-up (and compilation for the "compiled" row)
+    if impl != "reference":   # a fast wrong kernel fails here instead of getting a timing
+        gkbench.check_output(impl, out, _expected(case), case.rtol)
+    del out
 
     def run():
         step()

@@ -106,8 +106,11 @@ def test_pixel_auroc_sklearn(benchmark, test_set):
 
 
 def test_pixel_ap_geokernels(benchmark, test_set):
-    _, _, heat_t, masks_t = test_set
-    benchmark(average_precision, heat_t, masks_t)
+    from sklearn.metrics import average_precision_score
+
+    heat, masks, heat_t, masks_t = test_set
+    value = benchmark(average_precision, heat_t, masks_t)
+    assert abs(value - average_precision_score(masks.ravel(), heat.ravel())) <= 1e-9
 
 
 def test_pixel_ap_sklearn(benchmark, test_set):

@@ -4,7 +4,10 @@ same run, with effective bandwidth and peak memory.
 
 An op family adds cases with :func:`register_case`. A case builds its inputs once and returns,
 for an implementation name ("reference", "compiled", or a backend like "cpu"/"cuda"/"triton"),
-a zero-argument step function that runs the workload (forward + backward where the op has one).
+a zero-argument step function that runs the workload (forward + backward where the op has one)
+and returns what it computed (the value, then the gradients of a fwd+bwd step). Before a row is
+timed its warm-up output is compared with the reference's (or with ``Case.expected()`` where the
+reference draws other random numbers): a fast wrong kernel gets a MISMATCH note, not a speed-up.
 """
 from __future__ import annotations
 
@@ -30,6 +33,51 @@ class Case:
     make_step: Callable[[str], Callable[[], object]]
     nbytes: int  # the minimum bytes a fused implementation must move per step
     compile_reference: bool = True
+    # what every row's output must match (default: the reference step's own output)
+    expected: Callable[[], object] | None = None
+    rtol: float = 1e-4  # relative L2 error allowed per output tensor (float32 workloads)
+    # False where the reference is not torch (scipy/numpy): torch's memory probes cannot see it
+    reference_memory: bool = True
+
+
+class OutputMismatch(AssertionError):
+    """A benchmarked implementation computed something other than the reference."""
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a step's output, in order (numpy arrays, e.g. scipy's, converted)."""
+    if out is None:
+        return []
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    import numpy as np
+
+    if isinstance(out, np.ndarray):
+        return [torch.from_numpy(out)]
+    raise TypeError(f"a benchmark step returned {type(out).__name__}; expected tensors")
+
+
+def check_output(impl: str, out, expected, rtol: float) -> None:
+    """OutputMismatch unless every tensor of ``out`` matches ``expected`` (shape, and relative L2
+    error <= rtol, NaN/Inf in the same places)."""
+    got, want = _tensors(out), _tensors(expected)
+    if len(got) != len(want):
+        raise OutputMismatch(f"MISMATCH: {impl} returned {len(got)} tensors, the reference "
+                             f"{len(want)}")
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        if a.shape != b.shape:
+            raise OutputMismatch(f"MISMATCH: output {i} has shape {tuple(a.shape)}, the "
+                                 f"reference's {tuple(b.shape)}")
+        fin = torch.isfinite(b)
+        if not torch.equal(fin, torch.isfinite(a)) or not torch.equal(a[~fin], b[~fin]):
+            raise OutputMismatch(f"MISMATCH: output {i} has NaN/Inf where the reference has not")
+        a, b = a[fin], b[fin]
+        err = float((a - b).norm() / b.norm().clamp_min(1e-300))
+        if err > rtol and float((a - b).abs().max()) > 1e-12:
+            raise OutputMismatch(f"MISMATCH: output {i} rel. L2 error {err:.2e} > {rtol:.0e}")
 
 
 @dataclasses.dataclass
@@ -84,14 +132,19 @@ SLOW_STEP_S = 2.0  # a step slower than this is timed once more, not repeated
 
 
 def time_step(step: Callable[[], object], device: torch.device, min_time: float = 0.3,
-              max_reps: int = 200, warmup: int = 2) -> float:
+              max_reps: int = 200, warmup: int = 2,
+              on_first: Callable[[object], None] | None = None) -> float:
     """Median wall time of one step in milliseconds (CUDA: device-synchronised events).
 
     The first call is a warm-up (torch.compile, Triton JIT, cuDNN autotuning happen there) and
-    is never judged. Slow steps (e.g. a reference Jacobi loop taking a minute) are not repeated:
-    when the second call exceeds SLOW_STEP_S it is the measurement."""
-    step()
+    is never judged; ``on_first`` gets its output (the correctness check, before any timing).
+    Slow steps (e.g. a reference Jacobi loop taking a minute) are not repeated: when the second
+    call exceeds SLOW_STEP_S it is the measurement."""
+    first = step()
     synchronize(device)
+    if on_first is not None:
+        on_first(first)
+    del first
     t0 = time.perf_counter()
     step()
     synchronize(device)
@@ -227,34 +280,65 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
         copy_bw = _COPY_BW[str(device)]
     it = tqdm(cases, desc="bench", disable=not progress) if tqdm else cases
     for case in it:
-        impls = ["reference"]
+        # the fused rows before torch.compile's: a cold compile cut short by a time limit must
+        # not take the never-timed kernels' rows with it
+        impls = ["reference"] + fused_impls(case.op, device)
         if compile_reference and case.compile_reference:
             impls.append("compiled")
-        impls += fused_impls(case.op, device)
         rows = {}
-        for impl in impls:
+        expected = []
+        if case.expected is not None:
             try:
-                step = case.make_step(impl)
-                ms = time_step(step, device, min_time=min_time)
-                slow = ms > 1e3 * SLOW_STEP_S
-                peak = peak_memory_mb(step, device) if memory and not slow else None
-                rows[impl] = Result(case.op, case.label, impl, ms, peak_mb=peak,
-                                    gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None,
-                                    note="slow: timed once, memory pass skipped" if slow and memory else "")
-            except Exception as exc:  # e.g. torch.compile unsupported here: report, go on
-                rows[impl] = Result(case.op, case.label, impl, math.nan, note=_first_line(exc))
-        ref = rows["reference"].ms
-        comp = rows["compiled"].ms if "compiled" in rows else math.nan
-        for r in rows.values():
-            if not math.isnan(r.ms):
-                r.speedup_vs_reference = ref / r.ms if not math.isnan(ref) else None
-                r.speedup_vs_compiled = comp / r.ms if not math.isnan(comp) else None
-                if copy_bw and r.gbps:
-                    r.fraction_of_copy = r.gbps / copy_bw
-            results.append(r)
-        if on_case is not None:
-            on_case(list(rows.values()))
+                expected.append(case.expected())
+            except Exception as exc:
+                warnings.warn(f"bench: {case.op} [{case.label}]: no expected output, rows "
+                              f"unchecked: {_first_line(exc)}", RuntimeWarning, stacklevel=2)
+
+        def check(out, impl):
+            if impl == "reference":        # its own output is the yardstick unless the case
+                if not expected:           # gives one (the reference draws other noise)
+                    expected.append(out)
+            elif expected:
+                check_output(impl, out, expected[0], case.rtol)
+
+        try:
+            for impl in impls:
+                try:
+                    step = case.make_step(impl)
+                    ms = time_step(step, device, min_time=min_time,
+                                   on_first=lambda out, impl=impl: check(out, impl))
+                    slow = ms > 1e3 * SLOW_STEP_S
+                    unseen = impl == "reference" and not case.reference_memory
+                    peak = (peak_memory_mb(step, device) if memory and not slow and not unseen
+                            else None)
+                    note = ("slow: timed once, memory pass skipped" if slow and memory else
+                            "memory n/a (not torch)" if unseen and memory else "")
+                    rows[impl] = Result(
+                        case.op, case.label, impl, ms, peak_mb=peak,
+                        gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None, note=note)
+                except Exception as exc:  # torch.compile unsupported, a mismatch: report, go on
+                    note = str(exc) if isinstance(exc, OutputMismatch) else _first_line(exc)
+                    rows[impl] = Result(case.op, case.label, impl, math.nan, note=note)
+        finally:   # also on KeyboardInterrupt (a time limit's SIGINT): keep the measured rows
+            _finish_rows(rows, copy_bw, results, on_case)
     return results
+
+
+def _finish_rows(rows: dict, copy_bw, results: list, on_case) -> None:
+    """Speed-up ratios of one case's rows (against its reference / compiled rows), then record."""
+    if not rows:
+        return
+    ref = rows["reference"].ms if "reference" in rows else math.nan
+    comp = rows["compiled"].ms if "compiled" in rows else math.nan
+    for r in rows.values():
+        if not math.isnan(r.ms):
+            r.speedup_vs_reference = ref / r.ms if not math.isnan(ref) else None
+            r.speedup_vs_compiled = comp / r.ms if not math.isnan(comp) else None
+            if copy_bw and r.gbps:
+                r.fraction_of_copy = r.gbps / copy_bw
+        results.append(r)
+    if on_case is not None:
+        on_case(list(rows.values()))
 
 
 def format_table(results: list[Result]) -> str:

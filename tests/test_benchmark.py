@@ -160,3 +160,94 @@ def test_one_failing_factory_does_not_lose_the_others(monkeypatch):
         rows = gkbench.run("cpu", ops=["cgpm", "qc2_loss"], progress=False, memory=False)
     assert {r.op for r in rows} == {"qc2_loss"}
     assert any(r.note == "AssertionError: " for r in rows)
+
+
+def _one_case(monkeypatch, make_step, **kw):
+    monkeypatch.setattr(gkbench, "_load_cases", lambda: None)
+
+    def cases(device, quick):
+        return [gkbench.Case("qc2_loss", "c", make_step, 32, **kw)]
+
+    cases.bench_op = "qc2_loss"
+    monkeypatch.setattr(gkbench, "_CASES", [cases])
+
+
+def test_a_fast_wrong_kernel_gets_a_mismatch_note_not_a_speedup(monkeypatch):
+    """Rows were timed blind: a fused op that ignored its input was reported 1286x faster."""
+    u = torch.rand(2, 1, 16, 16)
+    import geokernels
+
+    real = geokernels.qc2_loss
+    monkeypatch.setattr(geokernels, "qc2_loss", lambda u, **kw: u.new_zeros(()))
+    from geokernels.bench_cases import dconvex
+
+    def make_step(impl):
+        fn = real if impl == "reference" else (lambda x: geokernels.qc2_loss(x, backend=impl))
+        return lambda: fn(u)
+
+    _one_case(monkeypatch, make_step, compile_reference=False)
+    rows = {r.impl: r for r in gkbench.run("cpu", min_time=0.0, memory=False, progress=False)}
+    assert not math.isnan(rows["reference"].ms)
+    assert math.isnan(rows["cpu"].ms) and rows["cpu"].speedup_vs_reference is None
+    assert rows["cpu"].note.startswith("MISMATCH") and "rel. L2 error" in rows["cpu"].note
+    # the real cases return (value, gradients) and pass the check
+    monkeypatch.setattr(geokernels, "qc2_loss", real)
+    leaf = u.clone().requires_grad_()
+    step = dconvex._loss_step(leaf, real)
+    out = step()
+    assert len(out) == 2 and out[1].shape == u.shape
+    assert leaf.grad is None   # nothing left for the next step to free inside its memory probe
+    gkbench.check_output("cpu", out, step(), 1e-4)
+
+
+def test_expected_output_replaces_the_reference_as_yardstick(monkeypatch):
+    """flow_mismatch's reference loop draws torch.randn noise: rows are checked against
+    Case.expected (the reference on the fused noise), never against the reference row."""
+    target = torch.arange(6.0)
+
+    def make_step(impl):
+        return (lambda: torch.randn(6)) if impl == "reference" else (lambda: target + 1e-9)
+
+    _one_case(monkeypatch, make_step, compile_reference=False, expected=lambda: target)
+    rows = gkbench.run("cpu", min_time=0.0, memory=False, progress=False)
+    assert all(not math.isnan(r.ms) for r in rows), [r.note for r in rows]
+    _one_case(monkeypatch, make_step, compile_reference=False, expected=lambda: -target)
+    rows = {r.impl: r for r in gkbench.run("cpu", min_time=0.0, memory=False, progress=False)}
+    assert rows["cpu"].note.startswith("MISMATCH")
+
+
+def test_fused_rows_come_before_compiled_and_survive_an_interrupt(monkeypatch):
+    """A cold torch.compile cut by gpu_check's SIGINT lost the whole case's rows, including the
+    fused ones (timed after the compiled row) and the already measured reference."""
+    order = []
+
+    def make_step(impl):
+        order.append(impl)
+        if impl == "compiled":
+            raise KeyboardInterrupt
+        return lambda: torch.ones(3)
+
+    _one_case(monkeypatch, make_step)
+    got = []
+    import pytest
+
+    with pytest.raises(KeyboardInterrupt):
+        gkbench.run("cpu", min_time=0.0, memory=False, progress=False, on_case=got.append)
+    assert order == ["reference", "cpu", "compiled"]
+    assert [r.impl for r in got[0]] == ["reference", "cpu"]
+    assert got[0][1].speedup_vs_reference is not None
+
+
+def test_output_check_rules():
+    a = torch.tensor([1.0, 2.0, float("inf")])
+    gkbench.check_output("x", a, a.clone(), 1e-4)
+    import numpy as np
+    import pytest
+
+    gkbench.check_output("x", torch.ones(2, 1, 3), np.ones((2, 1, 3)), 1e-4)   # scipy rows
+    with pytest.raises(gkbench.OutputMismatch, match="NaN/Inf"):
+        gkbench.check_output("x", torch.tensor([1.0, 2.0, 3.0]), a, 1e-4)
+    with pytest.raises(gkbench.OutputMismatch, match="shape"):
+        gkbench.check_output("x", torch.ones(3), torch.ones(2, 1, 3), 1e-4)
+    with pytest.raises(gkbench.OutputMismatch, match="returned 1 tensors"):
+        gkbench.check_output("x", torch.ones(3), (torch.ones(3), torch.ones(3)), 1e-4)

@@ -4,8 +4,9 @@ trivial 1x1-conv velocity model, fused kernels vs the straightforward reference 
 The reference is the loop a user would write: draw the K noise tensors (torch.randn), then loop
 over T and K. The fused backends regenerate the noise inside the kernels instead. Two chunkings
 are measured: all B*K paths per model call (chunk=None, the default: fastest, model input and
-output of B*K images) and one image's K paths per call (chunk=K: the model batch of the
-reference loop, B images per call, so peak memory compares like for like).
+output of B*K images) and one image's K paths per call (chunk=K: K rows per model call, against
+the reference loop's B; peak memory compares like for like only where B = K, as in the full-size
+conv1x1 case and the GPU detector case).
 
 The model is a 1x1 convolution written as a channel-mixing matmul: it computes exactly
 Conv2d(C, C, 1) but allocates only its output, so the memory figures measure the scoring engine
@@ -13,6 +14,8 @@ rather than a convolution library's internal buffers (mkldnn's blocked layouts h
 input for C = 3; see also `conv1x1_velocity(..., module=True)`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -53,6 +56,12 @@ def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list
         with torch.no_grad():
             return reference.flow_mismatch(model, x, K=K, T=T, noise=noise)
 
+    @functools.cache
+    def expected():   # the reference loop on the fused kernels' own noise (same Philox stream)
+        with torch.no_grad():
+            return reference.flow_mismatch(model, x, K=K, T=T,
+                                           noise=geokernels.flow_mismatch_noise(x, K))
+
     cases = []
     for chunk in (None, K):
         def make_step(impl: str, chunk=chunk):
@@ -64,7 +73,8 @@ def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list
 
         label = (f"B{B} K{K} T{T} {C}x{H}x{W} {model_name} "
                  f"chunk={'all' if chunk is None else chunk} f32")
-        cases.append(Case("flow_mismatch", label, make_step, nbytes=nbytes, compile_reference=False))
+        cases.append(Case("flow_mismatch", label, make_step, nbytes=nbytes, compile_reference=False,
+                          expected=expected))
     return cases
 
 
@@ -76,6 +86,25 @@ def flow_mismatch_cases(device: torch.device, quick: bool):
     # what a fused implementation must move per call: write x_t, read v (+ x, heat: negligible)
     nbytes = T * 2 * B * K * C * H * W * x.element_size()
     return _chunk_cases(model, x, K, T, "conv1x1", nbytes)
+
+
+@register_case(op="flow_mismatch_noise")
+def noise_cases(device: torch.device, quick: bool):
+    """The K noise tensors of B images from the documented Philox stream: the fused kernels
+    against the reference (numpy, float64, the stream's oracle)."""
+    B, K, C, H, W = (2, 4, 3, 64, 64) if quick else (8, 8, 3, 128, 128)
+    x = torch.rand(B, C, H, W, device=device)
+
+    def make_step(impl: str):
+        if impl == "reference":
+            return lambda: reference.flow_mismatch_noise(B, K, C, H, W)
+        if impl == "compiled":
+            raise NotImplementedError("the reference is numpy")
+        return lambda: geokernels.flow_mismatch_noise(x, K, backend=impl)
+
+    return [Case("flow_mismatch_noise", f"B{B} K{K} {C}x{H}x{W} f32", make_step,
+                 nbytes=B * K * C * H * W * x.element_size(), compile_reference=False,
+                 reference_memory=False)]
 
 
 @register_case(op="flow_mismatch")

@@ -31,6 +31,7 @@ from geokernels.reference.flow_mismatch import flow_mismatch as _reference_flow_
 from geokernels.reference.flow_mismatch import flow_mismatch_noise as _reference_noise
 
 register_op("flow_mismatch", ("cpu", "cuda", "triton"))
+register_op("flow_mismatch_noise", ("cpu", "cuda", "triton"))
 
 AGGREGATIONS = ("min", "mean", "median", "quantile:<alpha>")
 SCORE_MODES = ("max+topk", "max", "topk_mean")
@@ -336,7 +337,7 @@ def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_
     K = check_int(K, "K", min_value=1)
     seed_i64 = _check_seed(seed)
     offset = _check_offset(image_index_offset, x.shape[0])
-    be = resolve("flow_mismatch", backend, x)
+    be = resolve("flow_mismatch_noise", backend, x)
     if be == "torch":
         B, C, H, W = x.shape
         return _reference_noise(B, K, C, H, W, int(seed), offset).to(
