@@ -101,8 +101,8 @@ grep -E "^(FAILED|ERROR)| (FAILED|ERROR)( |$)" "$LOGS/tests.log" | head -30 | te
 
 # issue 9 first: the fused-vs-reference end-to-end rows ("textures U-Net") and the detector's
 # scoring throughput (images/s at the SPEC defaults K=8, T=24) with the shipped checkpoint
-stage "bench flow_mismatch on cuda (fused vs reference loop, incl. the textures U-Net rows)"
-run_for "$(limit 60 170)" $PY -m geokernels bench --device cuda --ops flow_mismatch \
+stage "bench flow_mismatch on cuda (fused vs reference loop, incl. the textures U-Net rows; its noise kernels)"
+run_for "$(limit 60 170)" $PY -m geokernels bench --device cuda --ops flow_mismatch flow_mismatch_noise \
   --json "$LOGS/bench_flow_mismatch.json" > "$LOGS/bench_flow_mismatch.txt" 2>&1
 stage "bench flow_mismatch rc=$?"
 stage "anomaly scoring on cuda (shipped textures detector, 16+16 test crops per category)"
