@@ -64,5 +64,22 @@ def midpoint_cases(device: torch.device, quick: bool):
     # the least traffic of any implementation: read u once, write the result once.
     # torch.compile(reference) only for the quick case: at r=15 the sweep is a 1416-slice graph
     # that takes minutes to compile (and the eager reference loop alone runs ~1 min per step).
-    return [Case("midpoint_convexify", f"{label} jacobi to convergence f32", make_step,
-                 nbytes=2 * u.numel() * u.element_size(), compile_reference=quick)]
+    cases = [Case("midpoint_convexify", f"{label} jacobi to convergence f32", make_step,
+                  nbytes=2 * u.numel() * u.element_size(), compile_reference=quick)]
+    # with a gradient: the reference differentiates its max/min loop (autograd through every
+    # sweep); the fused backends record each output's source pixel and route the gradient there
+    leaf = u.detach().clone().requires_grad_()
+    weights = torch.rand(u.shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def make_bwd_step(impl: str):
+        backend = "torch" if impl == "reference" else impl
+
+        def step():   # (output, grad u of (weights * output).sum())
+            out = geokernels.midpoint_convexify(leaf, radius, max_iters, tol, backend=backend)
+            return (out.detach(),) + torch.autograd.grad((weights * out).sum(), [leaf])
+
+        return step
+
+    cases.append(Case("midpoint_convexify", f"fwd+bwd {label} jacobi f32", make_bwd_step,
+                      nbytes=4 * u.numel() * u.element_size(), compile_reference=False))
+    return cases
