@@ -279,6 +279,13 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
             _COPY_BW[str(device)] = copy_bandwidth_gbps(device)
         copy_bw = _COPY_BW[str(device)]
     it = tqdm(cases, desc="bench", disable=not progress) if tqdm else cases
+    # CUDA events and streams of the benchmarked device (cuda:1 timed cuda:0's stream before)
+    with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
+        _run_cases(it, device, compile_reference, memory, min_time, copy_bw, results, on_case)
+    return results
+
+
+def _run_cases(it, device, compile_reference, memory, min_time, copy_bw, results, on_case):
     for case in it:
         # the fused rows before torch.compile's: a cold compile cut short by a time limit must
         # not take the never-timed kernels' rows with it
@@ -321,7 +328,6 @@ def run(device: str | torch.device = "cpu", ops: list[str] | None = None, quick:
                     rows[impl] = Result(case.op, case.label, impl, math.nan, note=note)
         finally:   # also on KeyboardInterrupt (a time limit's SIGINT): keep the measured rows
             _finish_rows(rows, copy_bw, results, on_case)
-    return results
 
 
 def _finish_rows(rows: dict, copy_bw, results: list, on_case) -> None:
