@@ -246,6 +246,17 @@ def test_visa_items(tmp_path):
     assert VisA.available_categories(tmp_path) == ["candle"]
 
 
+def test_visa_annotations_that_match_nothing_are_reported(tmp_path):
+    """Every defect type silently became 'anomaly' when image_anno.csv wrote the image paths
+    differently from 1cls.csv (per-defect metrics lost without a word)."""
+    make_visa(tmp_path)
+    anno = tmp_path / "candle" / "image_anno.csv"
+    anno.write_text(anno.read_text().replace("candle/Data/", "./candle/Data/"))
+    with pytest.warns(UserWarning, match="image_anno.csv names none of the 2 anomalous images"):
+        test = VisA(tmp_path, "candle", "test", size=8)
+    assert test.defects == ["good", "good", "anomaly", "anomaly"]
+
+
 def test_visa_without_annotations_and_custom_split_file(tmp_path):
     csv_path = make_visa(tmp_path, anno=False)
     custom = tmp_path / "my_split.csv"

@@ -13,6 +13,7 @@ Paths in the CSV files are relative to ``<root>``. ``label`` is "normal" or "ano
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 from geokernels.data._io import (AnomalySample, DatasetError, SampleListDataset, check_size,
@@ -120,6 +121,12 @@ class VisA(SampleListDataset):
             self.samples.append(AnomalySample(image, mask, label, defect))
         if not self.samples:
             raise DatasetError(f"{self.split_csv} lists no {self.split!r} images for {category!r}")
+        anomalous = [s for s in self.samples if s.label == 1]
+        if defects and anomalous and all(s.defect == "anomaly" for s in anomalous):
+            warnings.warn(f"{self.root / category / 'image_anno.csv'} names none of the "
+                          f"{len(anomalous)} anomalous images of {self.split_csv} (its 'image' "
+                          f"paths are written differently?): their defect type is reported as "
+                          f"'anomaly'", stacklevel=2)
 
     def _defect_descriptions(self) -> dict[str, str]:
         anno = self.root / self.category / "image_anno.csv"
