@@ -103,9 +103,19 @@ def check_backend(backend) -> str:
     return backend
 
 
+def default_backend() -> str:
+    """What ``backend="auto"`` stands for: GEOKERNELS_BACKEND if set, else "auto"; a ValueError
+    naming the variable for a value that is not a backend."""
+    value = os.environ.get("GEOKERNELS_BACKEND", "auto") or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"the environment variable GEOKERNELS_BACKEND must be one of "
+                         f"{BACKENDS}, got {value!r}")
+    return value
+
+
 def _resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None or backend == "auto":
-        backend = os.environ.get("GEOKERNELS_BACKEND", "auto") or "auto"
+        backend = default_backend()
     check_backend(backend)
     impl = _OPS[op]
     dev = tensor.device.type

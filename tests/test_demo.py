@@ -388,3 +388,79 @@ def test_kernels_stage_notes_an_op_without_bench_case(tmp_path, monkeypatch):
     res = demo_stages.run_kernels(ctx)
     assert "op_without_case: no benchmark case registered" in res.notes
     assert "qc2_loss.reference_ms" in res.metrics
+
+
+def test_kernels_stage_fails_on_a_wrong_kernel(tmp_path, monkeypatch):
+    """The benchmark flagged a fused row that differed from the reference, but the stage still
+    said ok (exit 0) and the op silently dropped out of summary.json."""
+    import geokernels
+    from geokernels.bench_cases import dconvex
+
+    real = geokernels.qc2_loss
+
+    def wrong(u, *a, backend="auto", **kw):
+        out = real(u, *a, backend=backend, **kw)
+        return out * 1.5 if backend != "torch" and backend != "auto" else out
+
+    monkeypatch.setattr(dconvex.geokernels, "qc2_loss", wrong)
+    monkeypatch.setitem(demo_stages.KERNEL_SETTINGS, True,
+                        dict(min_time=0.0, ops=("qc2_loss", "distance_transform"), budget_s=60.0))
+    ctx = demo_stages.StageContext(out_dir=str(tmp_path), device=torch.device("cpu"), quick=True,
+                                   progress=False, name="kernels")
+    with pytest.raises(StageError, match=r"qc2_loss \(cpu\): MISMATCH"):
+        demo_stages.run_kernels(ctx)
+    assert ctx.result.metrics["qc2_loss.cpu_error"].startswith("MISMATCH")
+    assert "distance_transform.cpu_ms" in ctx.result.metrics      # the other op still timed
+
+
+def test_busy_machine_note():
+    cores = os.cpu_count() or 1
+    assert demo_stages._busy_note(None, None) is None
+    assert demo_stages._busy_note(float(cores), None) is None    # this process alone
+    note = demo_stages._busy_note(None, 3.0 * cores + 2)
+    assert note and "unreliable" in note and f"on {cores} cores" in note
+
+
+def test_cli_rejects_an_unusable_out_folder_and_backend(tmp_path, monkeypatch, capsys):
+    """A file as --out gave a 15-line traceback with the exit code of a failed stage; a bad
+    GEOKERNELS_BACKEND failed every stage with errors that never named the variable."""
+    from geokernels.cli import main
+
+    for name in SECTIONS:
+        monkeypatch.setitem(demo_stages.STAGES, name, _fake_ok(name))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--quick", "--out", str(afile), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "is a file" in err
+    assert main(["demo", "--quick", "--out", str(afile / "sub"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "Traceback" not in err
+    monkeypatch.setenv("GEOKERNELS_BACKEND", "bogus")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "GEOKERNELS_BACKEND must be one of" in capsys.readouterr().err
+    import geokernels
+
+    with pytest.raises(ValueError, match="environment variable GEOKERNELS_BACKEND"):
+        geokernels.qc2_loss(torch.rand(1, 1, 4, 4))
+
+
+def test_report_records_backend_and_the_full_command_and_drops_a_stale_report(
+        tmp_path, monkeypatch):
+    for name in SECTIONS:
+        monkeypatch.setitem(demo_stages.STAGES, name, _fake_ok(name))
+    (tmp_path / "summary.json").write_text("{}")
+    seen = []
+
+    def check_stale(ctx):   # an interrupted re-run must not leave the old report behind
+        seen.append((tmp_path / "summary.json").exists() or (tmp_path / "report.html").exists())
+        return _fake_ok("anomaly")(ctx)
+
+    monkeypatch.setitem(demo_stages.STAGES, "anomaly", check_stale)
+    monkeypatch.setenv("GEOKERNELS_BACKEND", "torch")
+    ckpt = tmp_path / "my.pt"
+    run_demo(tmp_path, device="cpu", quick=True, progress=False, checkpoint=ckpt)
+    assert seen == [False]
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"geokernels demo --device cpu --quick --checkpoint {ckpt}" in text
+    assert "GEOKERNELS_BACKEND" in text and "<td>torch</td>" in text

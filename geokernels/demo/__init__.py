@@ -76,6 +76,8 @@ def _environment(device: torch.device) -> dict:
         "cpu threads": torch.get_num_threads(),
         "extension built": _extension.compiled(),
         "CUDA kernels compiled": _extension.cuda_compiled(),
+        "GEOKERNELS_BACKEND": os.environ.get("GEOKERNELS_BACKEND") or "(unset: auto)",
+        "CPU cores / load average": _cores_and_load(),
     }
     if _extension.compiled():
         try:
@@ -83,6 +85,14 @@ def _environment(device: torch.device) -> dict:
         except Exception:  # pragma: no cover - older builds
             pass
     return env
+
+
+def _cores_and_load() -> str:
+    try:
+        load = f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        load = "n/a"
+    return f"{os.cpu_count()} / {load}"
 
 
 def run_demo(out="demo_out", device="auto", quick: bool = False, progress: bool = True, *,
@@ -105,9 +115,17 @@ def run_demo(out="demo_out", device="auto", quick: bool = False, progress: bool 
     """
     from geokernels.demo.report import write_report
 
+    from geokernels._backend import default_backend
+
     dev = resolve_device(device)
+    default_backend()   # a bad GEOKERNELS_BACKEND is one error here, not one per stage
     out = os.fspath(out)
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    for stale in ("report.html", "summary.json"):   # an interrupted re-run must not leave the
+        try:                                       # last run's report over this run's figures
+            os.remove(os.path.join(out, stale))
+        except FileNotFoundError:
+            pass
     summary: dict[str, dict] = {}
     records: dict[str, dict] = {}
     started = time.perf_counter()
@@ -149,5 +167,9 @@ def run_demo(out="demo_out", device="auto", quick: bool = False, progress: bool 
     summary = {name: summary[name] for name in SECTIONS}
     timing = dict(seconds=time.perf_counter() - started,
                   cpu_seconds=time.process_time() - cpu_started)
-    write_report(out, summary, records, _environment(dev), timing, quick=bool(quick))
+    command = "geokernels demo" + (f" --device {device}" if device != "auto" else "") \
+        + (" --quick" if quick else "") \
+        + (f" --checkpoint {os.fspath(checkpoint)}" if checkpoint is not None else "")
+    write_report(out, summary, records, _environment(dev), timing, quick=bool(quick),
+                 command=command)
     return summary

@@ -10,10 +10,17 @@ def _run(args) -> int:
 
     from geokernels.demo import failed_stages, resolve_device, run_demo
 
+    from geokernels._backend import default_backend
+
     try:
         resolve_device(args.device)
+        default_backend()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = _unusable_folder(args.out)
+    if problem:
+        print(f"error: --out {args.out!r} {problem}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -33,6 +40,20 @@ def _run(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _unusable_folder(path) -> str | None:
+    """Why ``path`` cannot be the report folder (None if it can): it is a file, or it cannot be
+    created or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created: {exc.strerror or exc}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 def add_parser(subparsers) -> None:

@@ -132,7 +132,7 @@ def _section(name: str, section: dict, record: dict, out_dir: str) -> str:
 
 
 def render_html(summary: dict, records: dict, env: dict, timing: dict, out_dir: str,
-                quick: bool = False) -> str:
+                quick: bool = False, command: str | None = None) -> str:
     e = html.escape
     failed = [n for n, s in summary.items() if "error" in s]
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -156,16 +156,18 @@ def render_html(summary: dict, records: dict, env: dict, timing: dict, out_dir: 
     env_rows = [[k, "-" if v is None else str(v)] for k, v in env.items()]
     tail = ["<h2>Environment</h2>", _table("versions and build", ["item", "value"], env_rows),
             '<p class="note">Numbers: <code>summary.json</code> next to this file. Reproduce: '
-            "<code>geokernels demo" + (" --quick" if quick else "") + "</code>.</p>",
+            "<code>" + e(command or ("geokernels demo" + (" --quick" if quick else "")))
+            + "</code>.</p>",
             "</body></html>"]
     return "\n".join(head + body + tail)
 
 
 def write_report(out_dir: str, summary: dict, records: dict, env: dict, timing: dict,
-                 quick: bool = False) -> tuple[str, str]:
+                 quick: bool = False, command: str | None = None) -> tuple[str, str]:
     """Write summary.json and report.html into ``out_dir``; return their paths."""
     summary_path = write_json_atomic(os.path.join(out_dir, "summary.json"), summary,
                                      allow_nan=False)
     report_path = write_text_atomic(os.path.join(out_dir, "report.html"),
-                                    render_html(summary, records, env, timing, out_dir, quick=quick))
+                                    render_html(summary, records, env, timing, out_dir, quick=quick,
+                                                command=command))
     return summary_path, report_path

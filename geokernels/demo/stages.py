@@ -237,7 +237,8 @@ def run_anomaly(ctx: StageContext) -> StageResult:
     res.notes.append(
         f"Detector: {source}; K={det.settings['K']} noise paths x T={det.settings['T']} times, "
         f"agg={det.settings['agg']!r}, weight t^{det.settings['r']:g}"
-        + (" (fewer than the SPEC defaults K=8, T=24 to fit the CPU time budget)"
+        + ((" (fewer than the SPEC defaults K=8, T=24: quick mode)" if ctx.quick else
+            " (fewer than the SPEC defaults K=8, T=24 to fit the CPU time budget)")
            if (det.settings["K"], det.settings["T"]) != (8, 24) else "")
         + f". Test images: {settings['n_good']} normal + {settings['n_defective']} defective "
         f"crops per category ({size} px), texture photos shipped with scikit-image and "
@@ -593,7 +594,8 @@ def run_kernels(ctx: StageContext) -> StageResult:
         ops = [op for op in ops if op in s["ops"]]
     res = ctx.result
     bar = ctx.bar(len(ops), unit="op")
-    rows, headline, skipped = [], [], []
+    rows, headline, skipped, broken = [], [], [], []
+    load_before = _load_average()
     started = time.perf_counter()
     for op in ops:
         if time.perf_counter() - started > s["budget_s"]:
@@ -629,6 +631,9 @@ def run_kernels(ctx: StageContext) -> StageResult:
         failed = [r for r in results if not math.isfinite(r.ms)]
         for r in failed:
             res.notes.append(f"{op} [{r.label}] {r.impl} failed: {r.note}")
+            res.metrics[f"{op}.{r.impl}_error"] = r.note
+            if r.impl != "reference":
+                broken.append(f"{op} ({r.impl}): {r.note}")
     bar.close()
     if skipped:
         res.notes.append(f"Not timed (the stage's {s['budget_s']:.0f} s budget was spent): "
@@ -650,8 +655,36 @@ def run_kernels(ctx: StageContext) -> StageResult:
     res.notes.append(
         f"Benchmark cases of `geokernels bench --quick` on {ctx.device} (small sizes; the full "
         f"table: `geokernels bench`). CPU peak memory comes from the torch profiler.")
+    busy = _busy_note(load_before, _load_average())
+    if busy:
+        res.notes.append(busy)
+        res.metrics["load_average"] = max(load_before or 0.0, _load_average() or 0.0)
     _kernel_figure(ctx, headline)
+    if broken:   # a wrong or crashing kernel is a failure, not a row that quietly drops out
+        raise StageError(f"{len(broken)} fused row(s) failed or differ from the reference: "
+                         + "; ".join(broken))
     return res
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_note(*loads) -> str | None:
+    """A warning when other work shared the CPUs while the kernels were timed: the reference's
+    multi-threaded PyTorch ops suffer far more from it than the fused kernels, so speed-ups
+    measured on a busy machine swing by 10-100x between runs."""
+    cores = os.cpu_count() or 1
+    worst = max((x for x in loads if x is not None), default=None)
+    # this process alone keeps up to `cores` threads busy: flag only load beyond that
+    if worst is None or worst <= cores + max(1.0, 0.25 * cores):
+        return None
+    return (f"The machine was busy while timing (load average {worst:.1f} on {cores} cores): "
+            f"timings and speed-ups are unreliable; rerun on an idle machine.")
 
 
 @_figure
