@@ -32,9 +32,29 @@ def _is_toolkit_root(path: str | None) -> bool:
         os.path.join(path, "include", "cuda_runtime.h"))
 
 
-def find_cuda_home() -> str | None:
+def _version_key(path: str) -> tuple:
+    """/usr/local/cuda-12.10 -> (12, 10): numeric order (text order put 12.10 before 12.9)."""
+    return tuple(int(p) for p in re.findall(r"\d+", os.path.basename(path)))
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    """'13.0' from `nvcc --version` of the toolkit at ``cuda_home`` (None if it cannot say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def find_cuda_home(torch_cuda: str | None = None) -> str | None:
     """The real CUDA toolkit root. `nvcc` on PATH may be a symlink or a wrapper script
-    (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); follow both before guessing."""
+    (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`); follow both before guessing. Guessing
+    among /usr/local/cuda-*, a toolkit of torch's CUDA major version (``torch_cuda``) comes
+    first, then the newest."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if _is_toolkit_root(os.environ.get(var)):
             return os.environ[var]
@@ -52,7 +72,10 @@ def find_cuda_home() -> str | None:
                     return cand
         except OSError:
             pass
-    candidates = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda", "/opt/cuda"]
+    major = torch_cuda.split(".")[0] if torch_cuda else None
+    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: (
+        _version_key(p)[:1] == (int(major),) if major else False, _version_key(p)), reverse=True)
+    candidates = versioned + ["/usr/local/cuda", "/opt/cuda"]
     for cand in candidates:
         if _is_toolkit_root(cand):
             return cand
@@ -60,21 +83,35 @@ def find_cuda_home() -> str | None:
 
 
 def main() -> None:
+    import torch   # (torch.utils.cpp_extension reads CUDA_HOME when imported: after it is set)
+
     want_cuda = not _truthy("GEOKERNELS_NO_CUDA")
-    cuda_home = find_cuda_home() if want_cuda else None
+    cuda_home = find_cuda_home(torch.version.cuda) if want_cuda else None
+    mismatch = None
+    if cuda_home and torch.version.cuda:
+        found = nvcc_version(cuda_home)
+        if found and found.split(".")[0] != torch.version.cuda.split(".")[0]:
+            mismatch = (f"the CUDA toolkit at {cuda_home} is CUDA {found}, but torch "
+                        f"{torch.__version__} was built with CUDA {torch.version.cuda}; "
+                        f"torch's extension builder refuses mixed major versions. Point "
+                        f"CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or "
+                        f"set GEOKERNELS_NO_CUDA=1 for a CPU-only build")
+            cuda_home = None
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():   # unset or empty
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = bool(want_cuda and cuda_home and torch.version.cuda)
     if _truthy("GEOKERNELS_FORCE_CUDA") and not with_cuda:
         sys.exit(
             "GEOKERNELS_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root={cuda_home!r}. "
-            "Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME).")
+            + (mismatch or f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root="
+               f"{cuda_home!r}. Install a CUDA build of torch and a CUDA toolkit (set CUDA_HOME)."))
+    if mismatch:
+        print(f"geokernels: WARNING: building the CPU kernels only: {mismatch}.", file=sys.stderr)
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["python/bindings.cpp"]
     # Match torch's std::string ABI explicitly (recent cpp_extension versions assume the new

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 
 import torch
@@ -36,14 +37,26 @@ def _load():
     except ModuleNotFoundError as exc:
         if exc.name != "geokernels._C":
             raise
-        _missing_reason = "geokernels._C is not built"
+        import glob
+        import os
+        from importlib.machinery import EXTENSION_SUFFIXES
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        ours = tuple(s for s in EXTENSION_SUFFIXES if s.count(".") > 1)   # tagged ones
+        other = sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, "_C.*"))
+                       if p.endswith((".so", ".pyd")) and not p.endswith(ours))
+        _missing_reason = ("geokernels._C is not built" if not other else
+                           f"geokernels._C is built for another Python ({', '.join(other)}), not "
+                           f"this one ({sys.version.split()[0]})")
         return
     except ImportError as exc:  # undefined symbols etc.: almost always a torch ABI mismatch
         raise ImportError(
             f"geokernels._C could not be loaded with torch {torch.__version__}: {exc}. "
             f"It was most likely built against another torch. {REBUILD_HINT}") from exc
     built = getattr(mod, "TORCH_VERSION", None)
-    if built is None or _base_version(str(built)) != _base_version(torch.__version__):
+    # the full version when the build recorded it ("2.14.1a0+git...": exact), else its base
+    if built is None or (str(built) != torch.__version__
+                         and _base_version(str(built)) != _base_version(torch.__version__)):
         raise ImportError(
             f"geokernels._C was built against torch {built}, but torch {torch.__version__} is "
             f"running. {REBUILD_HINT}")

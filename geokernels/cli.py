@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from geokernels._files import write_json_atomic
@@ -49,8 +50,13 @@ def _info(args) -> int:
         "cuda_kernels_compiled": _extension.cuda_compiled(),
         "extension_cuda": getattr(_extension.extension(), "CUDA_VERSION", None),
         "cpu_simd": _extension.extension()._active_cpu_isa() if _extension.compiled() else None,
+        "GEOKERNELS_BACKEND": os.environ.get("GEOKERNELS_BACKEND") or None,
         "ops": {},
     }
+    try:
+        forced = _backend.default_backend()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     try:
         import triton
 
@@ -69,7 +75,8 @@ def _info(args) -> int:
     for k, v in info.items():
         if k != "ops":
             print(f"{k:<{width}}  {v}")
-    print("\nop backends available here (first = what backend='auto' picks):")
+    print("\nop backends available here (first = what backend='auto' picks"
+          + (f"; GEOKERNELS_BACKEND={forced} overrides that" if forced != "auto" else "") + "):")
     for op, per_dev in info["ops"].items():
         print(f"  {op:<22} " + "   ".join(f"{d}: {', '.join(b)}" for d, b in per_dev.items()))
     return 0

@@ -99,7 +99,13 @@ TORCH_LIBRARY(geokernels, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "geokernels compiled kernels (ops are under torch.ops.geokernels)";
-  mod.attr("TORCH_VERSION") = TORCH_VERSION;  // the torch this binary was built against
+  // the torch this binary was built against, in full (torch.__version__ at build time: a
+  // "2.14.1a0+git..." source build is not the "2.14.1" of torch/version.h)
+#ifdef GEOKERNELS_TORCH_VERSION
+  mod.attr("TORCH_VERSION") = GEOKERNELS_TORCH_VERSION;
+#else
+  mod.attr("TORCH_VERSION") = TORCH_VERSION;
+#endif
 #ifdef GEOKERNELS_WITH_CUDA
   mod.attr("CUDA_VERSION") = GEOKERNELS_CUDA_VERSION_STRING;
 #else
