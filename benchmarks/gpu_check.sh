@@ -90,7 +90,7 @@ stage "error paths rc=$? :: $(tail -1 "$LOGS/error_paths.log")"
 
 # the files whose kernels have never run on a GPU first (a timeout keeps what ran), then the rest
 first="qc2_loss qc1_loss cgpm midpoint cfss contour_flow_loss cuda_graphs autocast large_index
-       triton_gpu_semantics double_backward flow_mismatch"
+       triton_gpu_semantics double_backward flow_mismatch gpu_paths"
 files=$(for f in $first; do echo "tests/test_$f.py"; done)
 rest=$(ls tests/test_*.py | grep -v -F -x -f <(echo "$files"))
 stage "tests: CUDA and Triton (-m 'cuda or triton', never-run kernels first; -v so that a timeout keeps the results so far)"
