@@ -45,7 +45,8 @@ class TrainConfig:
     """Hyper-parameters of ``train`` (stored in every checkpoint).
 
     steps: optimiser steps in total. batch_size: global batch (split over DDP ranks).
-    lr / weight_decay / betas: AdamW. warmup_steps: linear warm-up from 0; then cosine decay to
+    lr / weight_decay / betas: AdamW. warmup_steps: linear warm-up (step s, from 0, at
+    (s + 1) / warmup_steps of lr); then cosine decay to
     ``min_lr_ratio * lr`` at ``steps``. ema_decay: EMA of the weights (decay warms up as
     min(ema_decay, (1+s)/(10+s))). grad_clip: max global gradient norm (0 = off).
     seed: all randomness. checkpoint_every: steps between checkpoints (0 = only at the end).
@@ -372,7 +373,9 @@ def train(dataset, *, model: VelocityUNet | None = None, preset: str = "tiny",
         time_budget_s: wall-clock budget. After a short probe (steps 5-25 of this run) the total
             number of steps is lowered, if needed, so the run ends within the budget; the cosine
             schedule follows the new total, which is recorded in the checkpoint (rerun with
-            steps=that number to reproduce the run exactly). Resuming such a run continues
+            steps=that number to reproduce the run exactly, when warmup_steps >= 25: a shorter
+            warm-up lets the probe's steps use the cosine of the original total, which the
+            rerun does not). Resuming such a run continues
             toward that total (no second probe or budget); a finished one trains no more.
 
     Returns:

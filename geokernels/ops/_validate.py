@@ -25,8 +25,9 @@ def check_image(t, name: str, *, channels: int | None = None, allow_low_precisio
     if channels is not None and t.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channel(s), got shape {tuple(t.shape)}")
     if t.dtype in _LOW_PRECISION and not (allow_low_precision_cuda and t.device.type == "cuda"):
-        raise TypeError(
-            f"{name} has dtype {t.dtype}, which is supported on CUDA only; use float32 or float64")
+        where = ("supported on CUDA only" if allow_low_precision_cuda else
+                 "not supported by this op (its iterations need float32 or float64 state)")
+        raise TypeError(f"{name} has dtype {t.dtype}, which is {where}; use float32 or float64")
     if values:
         check_finite(t, name)
 

@@ -329,9 +329,10 @@ def flow_mismatch_noise(x: torch.Tensor, K: int = 8, seed: int = 0, image_index_
 
     Values are float32 normals from the Philox stream documented in
     csrc/include/geokernels/philox.h, returned in x's dtype (exact for float32/float64; float16
-    and bfloat16 round them, where flow_mismatch itself keeps them in float32). The C++, CUDA
-    and Triton backends return identical bits; backend="torch" evaluates the same formulas in
-    float64 (equal to float32 rounding).
+    and bfloat16 round them, where flow_mismatch itself keeps them in float32). The C++ and
+    CUDA backends, and compiled Triton, return identical bits (Triton's CPU interpreter may
+    differ in the last bit); backend="torch" evaluates the same formulas in numpy float64,
+    within a few float32 ulps of them.
     """
     check_image(x, "x", values=False)
     K = check_int(K, "K", min_value=1)
