@@ -5,9 +5,10 @@ same run, with effective bandwidth and peak memory.
 An op family adds cases with :func:`register_case`. A case builds its inputs once and returns,
 for an implementation name ("reference", "compiled", or a backend like "cpu"/"cuda"/"triton"),
 a zero-argument step function that runs the workload (forward + backward where the op has one)
-and returns what it computed (the value, then the gradients of a fwd+bwd step). Before a row is
-timed its warm-up output is compared with the reference's (or with ``Case.expected()`` where the
-reference draws other random numbers): a fast wrong kernel gets a MISMATCH note, not a speed-up.
+and returns what it computed (the value, then the gradients of a fwd+bwd step). Each row's
+warm-up output is compared with the reference's (or with ``Case.expected()`` where the reference
+draws other random numbers): a fast wrong kernel is still timed but gets a MISMATCH note and no
+speed-up.
 """
 from __future__ import annotations
 
@@ -301,12 +302,17 @@ def _run_cases(it, device, compile_reference, memory, min_time, copy_bw, results
                 warnings.warn(f"bench: {case.op} [{case.label}]: no expected output, rows "
                               f"unchecked: {_first_line(exc)}", RuntimeWarning, stacklevel=2)
 
+        mismatch: dict[str, str] = {}
+
         def check(out, impl):
             if impl == "reference":        # its own output is the yardstick unless the case
                 if not expected:           # gives one (the reference draws other noise)
                     expected.append(out)
             elif expected:
-                check_output(impl, out, expected[0], case.rtol)
+                try:
+                    check_output(impl, out, expected[0], case.rtol)
+                except OutputMismatch as exc:   # still timed (a rare GPU run keeps its
+                    mismatch[impl] = str(exc)   # numbers), but flagged and given no ratio
 
         try:
             for impl in impls:
@@ -320,14 +326,21 @@ def _run_cases(it, device, compile_reference, memory, min_time, copy_bw, results
                             else None)
                     note = ("slow: timed once, memory pass skipped" if slow and memory else
                             "memory n/a (not torch)" if unseen and memory else "")
+                    if impl in mismatch:
+                        note = mismatch[impl] + (f"; {note}" if note else "")
                     rows[impl] = Result(
                         case.op, case.label, impl, ms, peak_mb=peak,
                         gbps=case.nbytes / (ms * 1e-3) / 1e9 if case.nbytes else None, note=note)
-                except Exception as exc:  # torch.compile unsupported, a mismatch: report, go on
-                    note = str(exc) if isinstance(exc, OutputMismatch) else _first_line(exc)
-                    rows[impl] = Result(case.op, case.label, impl, math.nan, note=note)
+                except Exception as exc:  # e.g. torch.compile unsupported here: report, go on
+                    rows[impl] = Result(case.op, case.label, impl, math.nan,
+                                        note=mismatch.get(impl) or _first_line(exc))
         finally:   # also on KeyboardInterrupt (a time limit's SIGINT): keep the measured rows
             _finish_rows(rows, copy_bw, results, on_case)
+
+
+def mismatched(row: Result) -> bool:
+    """True for a row whose output differed from the reference (timed, but given no ratio)."""
+    return row.note.startswith("MISMATCH")
 
 
 def _finish_rows(rows: dict, copy_bw, results: list, on_case) -> None:
@@ -337,7 +350,7 @@ def _finish_rows(rows: dict, copy_bw, results: list, on_case) -> None:
     ref = rows["reference"].ms if "reference" in rows else math.nan
     comp = rows["compiled"].ms if "compiled" in rows else math.nan
     for r in rows.values():
-        if not math.isnan(r.ms):
+        if not math.isnan(r.ms) and not mismatched(r):
             r.speedup_vs_reference = ref / r.ms if not math.isnan(ref) else None
             r.speedup_vs_compiled = comp / r.ms if not math.isnan(comp) else None
             if copy_bw and r.gbps:

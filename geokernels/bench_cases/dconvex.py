@@ -81,8 +81,12 @@ def cgpm_cases(device: torch.device, quick: bool):
         label = f"{steps} steps " + "x".join(map(str, shape)) + f" {method} f32"
         # per step: read u (neighbours), u0, o, m, v; write o, m, v, u_next
         nbytes = steps * 9 * logits.numel() * logits.element_size()
-        # torch.compile of a 100-step unrolled autograd loop takes longer than the benchmark
-        cases.append(Case("cgpm", label, make_step, nbytes=nbytes, compile_reference=False))
+        # torch.compile of a 100-step unrolled autograd loop takes longer than the benchmark.
+        # rtol: the 100-step loop is chaotic (README): a 1-ulp change of the logits moves the
+        # result by 2-3.5e-4 (relative L2) at the full size, so other rounding (FMA on a GPU)
+        # legitimately differs by that much
+        cases.append(Case("cgpm", label, make_step, nbytes=nbytes, compile_reference=False,
+                          rtol=1e-2))
     # training through the projection (backprop_to_backbone): the reference differentiates its
     # unrolled loop (create_graph), the fused backends run their hand-written reverse sweep
     bshape, bsteps = ((2, 1, 32, 32), 5) if quick else ((2, 1, 128, 128), 20)

@@ -45,7 +45,8 @@ def conv1x1_velocity(channels: int, device, module: bool = False):
     return model
 
 
-def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list[Case]:
+def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int,
+                 rtol: float = 1e-4) -> list[Case]:
     """Reference loop (torch.randn noise drawn up front, T x K model calls of B images) vs the
     fused op with all B*K paths per model call and with one image's K paths per call."""
     B, C, H, W = x.shape
@@ -74,7 +75,7 @@ def _chunk_cases(model, x, K: int, T: int, model_name: str, nbytes: int) -> list
         label = (f"B{B} K{K} T{T} {C}x{H}x{W} {model_name} "
                  f"chunk={'all' if chunk is None else chunk} f32")
         cases.append(Case("flow_mismatch", label, make_step, nbytes=nbytes, compile_reference=False,
-                          expected=expected))
+                          expected=expected, rtol=rtol))
     return cases
 
 
@@ -126,5 +127,9 @@ def detector_cases(device: torch.device, quick: bool):
     K, T = (8, 4) if quick else (8, 24)
     data = TextureAnomalyDataset("grass", split="test", size=model.config["image_size"])
     x = det._model_space(torch.stack([data[i]["image"] for i in range(B)]).to(device))
-    # nbytes=0: the model's activations, not the scoring engine, set the traffic
-    return _chunk_cases(vel, x, K, T, "textures U-Net", 0)
+    # nbytes=0: the model's activations, not the scoring engine, set the traffic. rtol: on CUDA
+    # cuDNN runs float32 convolutions in TF32 by default and picks batch-size-dependent
+    # algorithms, so the same model gives the fused (B*K rows per call) and reference (B rows)
+    # paths slightly different velocities; the squared residuals amplify that
+    rtol = 5e-2 if device.type == "cuda" else 1e-4
+    return _chunk_cases(vel, x, K, T, "textures U-Net", 0, rtol=rtol)

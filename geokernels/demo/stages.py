@@ -615,7 +615,8 @@ def run_kernels(ctx: StageContext) -> StageResult:
         for r in results:
             rows.append([r.op, r.label, r.impl, r.ms, r.speedup_vs_reference, r.peak_mb,
                          r.note or ""])
-            if r.label != first_label or r.impl == "reference" or not math.isfinite(r.ms):
+            if (r.label != first_label or r.impl == "reference" or not math.isfinite(r.ms)
+                    or benchmark.mismatched(r)):
                 continue
             ref = next(x for x in results if x.label == r.label and x.impl == "reference")
             headline.append((op, r.impl, r.speedup_vs_reference, ref.peak_mb, r.peak_mb))
@@ -628,7 +629,7 @@ def run_kernels(ctx: StageContext) -> StageResult:
                 res.metrics[f"{op}.reference_peak_mb"] = ref.peak_mb
             if r.peak_mb is not None:
                 res.metrics[f"{op}.{r.impl}_peak_mb"] = r.peak_mb
-        failed = [r for r in results if not math.isfinite(r.ms)]
+        failed = [r for r in results if not math.isfinite(r.ms) or benchmark.mismatched(r)]
         for r in failed:
             res.notes.append(f"{op} [{r.label}] {r.impl} failed: {r.note}")
             res.metrics[f"{op}.{r.impl}_error"] = r.note
