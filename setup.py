@@ -126,7 +126,11 @@ def main() -> None:
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros += [("GEOKERNELS_WITH_CUDA", None),
-                          ("GEOKERNELS_CUDA_VERSION_STRING", '"%s"' % torch.version.cuda)]
+                          ("GEOKERNELS_CUDA_VERSION_STRING", '"%s"' % torch.version.cuda),
+                          # what the kernels were compiled for: checked against the GPU at run
+                          # time (an sm_75 card cannot run sm_80 code or compute_90 PTX)
+                          ("GEOKERNELS_CUDA_ARCHS",
+                           '"%s"' % os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())]
         ext = CUDAExtension(
             "geokernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])

@@ -46,7 +46,8 @@ def available_backends(op: str, device_type: str) -> list[str]:
     ``backend="auto"`` prefers them."""
     out = []
     impl = _OPS.get(op, ())
-    if device_type == "cuda" and "cuda" in impl and _extension.cuda_compiled():
+    if (device_type == "cuda" and "cuda" in impl and _extension.cuda_compiled()
+            and (not torch.cuda.is_available() or _extension.cuda_arch_problem("cuda") is None)):
         out.append("cuda")
     if device_type == "cpu" and "cpu" in impl and _extension.compiled():
         out.append("cpu")
@@ -95,6 +96,20 @@ def resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
     return chosen
 
 
+_ARCH_WARNED: set[str] = set()
+
+
+def _warn_arch_once(problem: str) -> None:
+    """backend="auto" on a GPU the CUDA kernels were not built for: say so once, then use
+    Triton (or the reference)."""
+    if problem not in _ARCH_WARNED:
+        _ARCH_WARNED.add(problem)
+        import warnings
+
+        warnings.warn(f"geokernels: {problem}; backend='auto' uses Triton (or the reference) "
+                      f"on it instead", RuntimeWarning, stacklevel=4)
+
+
 def check_backend(backend) -> str:
     """``backend`` if it names one of BACKENDS, else a ValueError naming the argument (what the
     ops' resolve() does at a call; modules and pipelines call it when they are configured)."""
@@ -123,7 +138,10 @@ def _resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
         return "cpu"  # meta tensors (shape inference): the dispatcher runs the fake kernels
     if backend == "auto":
         if dev == "cuda" and "cuda" in impl and _extension.cuda_compiled():
-            return "cuda"
+            problem = _extension.cuda_arch_problem(tensor.device)
+            if problem is None:
+                return "cuda"
+            _warn_arch_once(problem)
         if dev == "cuda" and "triton" in impl and triton_usable("cuda"):
             return "triton"
         if dev == "cpu" and "cpu" in impl and _extension.compiled():
@@ -143,6 +161,9 @@ def _resolve(op: str, backend: str | None, tensor: torch.Tensor) -> str:
                 "backend='cuda' requested but geokernels._C was built without CUDA kernels "
                 f"({'not built' if not _extension.compiled() else 'CPU-only build'}). "
                 + _extension.REBUILD_HINT)
+        problem = _extension.cuda_arch_problem(tensor.device)
+        if problem is not None:
+            raise ValueError(f"backend='cuda': {problem}")
     elif backend == "cpu":
         if dev != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, but the input of {op} is on {dev}")

@@ -80,6 +80,58 @@ def extension():
     return _C
 
 
+def parse_cuda_archs(text) -> list[tuple[tuple[int, int], str]] | None:
+    """TORCH_CUDA_ARCH_LIST text ("8.0;9.0+PTX", "7.5 8.6", "9.0a") as [((major, minor), kind)]
+    with kind "sass" (cubin), "ptx" (cubin and PTX) or "exact" (an arch-specific "a" cubin);
+    None when it cannot say (unset, or named archs such as "Ampere")."""
+    import re
+
+    out = []
+    for item in re.split(r"[;,\s]+", str(text or "").strip()):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", item)
+        if not m:
+            return None
+        kind = "ptx" if m.group(4) else ("exact" if m.group(3) else "sass")
+        out.append(((int(m.group(1)), int(m.group(2))), kind))
+    return out or None
+
+
+def archs_run_on(archs, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` runs on a GPU of ``capability``: a cubin runs on its
+    major version at the same or a higher minor, PTX on any later GPU (JIT-compiled), an
+    arch-specific ("9.0a") cubin on that exact GPU only."""
+    for arch, kind in archs:
+        if kind == "exact" and arch == tuple(capability):
+            return True
+        if kind != "exact" and arch[0] == capability[0] and arch[1] <= capability[1]:
+            return True
+        if kind == "ptx" and arch <= tuple(capability):
+            return True
+    return False
+
+
+_ARCH_PROBLEM: dict[int, str | None] = {}
+
+
+def cuda_arch_problem(device) -> str | None:
+    """Why the compiled CUDA kernels cannot run on ``device`` (a GPU older than every arch they
+    were built for), or None. Checked once per device."""
+    if not cuda_compiled():
+        return None
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _ARCH_PROBLEM:
+        archs = parse_cuda_archs(getattr(_C, "CUDA_ARCHS", None))
+        cap = tuple(torch.cuda.get_device_capability(index))
+        _ARCH_PROBLEM[index] = None if archs is None or archs_run_on(archs, cap) else (
+            f"geokernels._C's CUDA kernels were built for TORCH_CUDA_ARCH_LIST="
+            f"{_C.CUDA_ARCHS!r}, which cannot run on cuda:{index} (compute capability "
+            f"{cap[0]}.{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST={cap[0]}.{cap[1]}")
+    return _ARCH_PROBLEM[index]
+
+
 def require_ops(*names: str) -> None:
     """ImportError if the loaded extension lacks ops this Python tree declares: a binary built
     from an older checkout (e.g. after a pull without rebuilding). No-op without an extension."""

@@ -108,6 +108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #endif
 #ifdef GEOKERNELS_WITH_CUDA
   mod.attr("CUDA_VERSION") = GEOKERNELS_CUDA_VERSION_STRING;
+  mod.attr("CUDA_ARCHS") = GEOKERNELS_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST of the build
 #else
   mod.attr("CUDA_VERSION") = pybind11::none();
 #endif

@@ -264,3 +264,45 @@ def test_sdist_holds_every_build_input(tmp_path):
         "geokernels/assets/*", "tests/*.py") for p in ROOT.glob(pattern)}
     assert any(n.startswith("csrc/include/") for n in needed)
     assert not needed - packed, sorted(needed - packed)
+
+
+def test_cuda_arch_list_parsing_and_compatibility():
+    p, runs = geokernels._extension.parse_cuda_archs, geokernels._extension.archs_run_on
+    assert p("8.0;9.0+PTX") == [((8, 0), "sass"), ((9, 0), "ptx")]
+    assert p(" 7.5 8.6 ") == [((7, 5), "sass"), ((8, 6), "sass")]
+    assert p("9.0a") == [((9, 0), "exact")]
+    assert p("") is None and p(None) is None and p("Ampere;9.0") is None
+    default = p("8.0;9.0+PTX")
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        assert runs(default, cap), cap
+    for cap in ((7, 0), (7, 5)):
+        assert not runs(default, cap), cap
+    assert not runs(p("8.0"), (9, 0)) and not runs(p("8.6"), (8, 0))
+    assert runs(p("9.0a"), (9, 0)) and not runs(p("9.0a"), (10, 0))
+
+
+def test_gpu_older_than_the_build_falls_back_or_says_how_to_rebuild(monkeypatch):
+    """A T4 (sm_75) with the default 8.0;9.0+PTX build failed every op with CUDA's 'no kernel
+    image is available'; auto now warns once and uses Triton/the reference, backend='cuda' says
+    which TORCH_CUDA_ARCH_LIST to rebuild with."""
+    import types
+
+    from torch._subclasses import FakeTensorMode
+
+    from geokernels import _backend, _extension
+
+    monkeypatch.setattr(_extension, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(_extension, "_C", types.SimpleNamespace(CUDA_ARCHS="8.0;9.0+PTX"))
+    monkeypatch.setattr(_extension, "_ARCH_PROBLEM", {})
+    monkeypatch.setattr(_backend, "_ARCH_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    with FakeTensorMode():
+        u = torch.empty(1, 1, 4, 4, device="cuda")
+    with pytest.warns(RuntimeWarning, match=r"cannot run on cuda:0 \(compute capability 7.5\)"):
+        chosen = _backend.resolve("qc2_loss", "auto", u)
+    assert chosen in ("triton", "torch")
+    with pytest.raises(ValueError, match="rebuild with TORCH_CUDA_ARCH_LIST=7.5"):
+        _backend.resolve("qc2_loss", "cuda", u)
+    monkeypatch.setattr(_extension, "_ARCH_PROBLEM", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
+    assert _backend.resolve("qc2_loss", "auto", u) == "cuda"
