@@ -241,14 +241,16 @@ def test_fused_rows_come_before_compiled_and_survive_an_interrupt(monkeypatch):
 
 
 def test_output_check_rules():
-    a = torch.tensor([1.0, 2.0, float("inf")])
-    gkbench.check_output("x", a, a.clone(), 1e-4)
     import numpy as np
     import pytest
 
+    a = torch.tensor([1.0, 2.0, float("inf"), float("nan")])
+    gkbench.check_output("x", a, a.clone(), 1e-4)         # NaN where the reference has NaN
+    with pytest.raises(gkbench.OutputMismatch, match="NaN/Inf"):
+        gkbench.check_output("x", torch.tensor([1.0, 2.0, -float("inf"), float("nan")]), a, 1e-4)
     gkbench.check_output("x", torch.ones(2, 1, 3), np.ones((2, 1, 3)), 1e-4)   # scipy rows
     with pytest.raises(gkbench.OutputMismatch, match="NaN/Inf"):
-        gkbench.check_output("x", torch.tensor([1.0, 2.0, 3.0]), a, 1e-4)
+        gkbench.check_output("x", torch.tensor([1.0, 2.0, 3.0, 4.0]), a, 1e-4)
     with pytest.raises(gkbench.OutputMismatch, match="shape"):
         gkbench.check_output("x", torch.ones(3), torch.ones(2, 1, 3), 1e-4)
     with pytest.raises(gkbench.OutputMismatch, match="returned 1 tensors"):
