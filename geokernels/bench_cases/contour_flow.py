@@ -99,30 +99,35 @@ def contour_flow_field_cases(device: torch.device, quick: bool):
 
 @register_case(op="contour_flow_loss")
 def contour_flow_loss_cases(device: torch.device, quick: bool):
-    shape = (2, 1, 128, 128) if quick else (8, 1, 256, 256)
-    B, C, H, W = shape
-    logits = torch.randn(shape, device=device, requires_grad=True)
-    flow = torch.nn.functional.normalize(torch.randn(B, C, 2, H, W, device=device), dim=2)
-    flow = flow.reshape(B, 2 * C, H, W).requires_grad_()
+    from geokernels.bench_cases.dconvex import DRAM_SHAPE, _shapes
 
-    def make_step(impl: str):
-        if impl == "reference":
-            fn = reference.contour_flow_loss
-        elif impl == "compiled":
-            fn = torch.compile(reference.contour_flow_loss)
-        else:
-            fn = functools.partial(geokernels.contour_flow_loss, backend=impl)
+    cases = []
+    for shape in _shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
+        B, C, H, W = shape
+        logits = torch.randn(shape, device=device, requires_grad=True)
+        flow = torch.nn.functional.normalize(torch.randn(B, C, 2, H, W, device=device), dim=2)
+        flow = flow.reshape(B, 2 * C, H, W).requires_grad_()
 
-        def step():   # (loss, grad logits, grad flow); no .grad left behind
-            loss = fn(logits, flow)
-            return (loss.detach(),) + torch.autograd.grad(loss, [logits, flow])
+        def make_step(impl: str, logits=logits, flow=flow):
+            if impl == "reference":
+                fn = reference.contour_flow_loss
+            elif impl == "compiled":
+                fn = torch.compile(reference.contour_flow_loss)
+            else:
+                fn = functools.partial(geokernels.contour_flow_loss, backend=impl)
 
-        return step
+            def step():   # (loss, grad logits, grad flow); no .grad left behind
+                loss = fn(logits, flow)
+                return (loss.detach(),) + torch.autograd.grad(loss, [logits, flow])
 
-    label = "fwd+bwd " + "x".join(map(str, shape)) + " f32"
-    # forward reads logits + flow; backward reads them again and writes both gradients
-    nbytes = 3 * (logits.numel() + flow.numel()) * logits.element_size()
-    return [Case("contour_flow_loss", label, make_step, nbytes=nbytes)]
+            return step
+
+        label = "fwd+bwd " + "x".join(map(str, shape)) + " f32"
+        # forward reads logits + flow; backward reads them again and writes both gradients
+        nbytes = 3 * (logits.numel() + flow.numel()) * logits.element_size()
+        cases.append(Case("contour_flow_loss", label, make_step, nbytes=nbytes,
+                          compile_reference=shape != DRAM_SHAPE))
+    return cases
 
 
 @register_case(op="cfss_iterate")
