@@ -99,7 +99,7 @@ def contour_flow_field_cases(device: torch.device, quick: bool):
 
 @register_case(op="contour_flow_loss")
 def contour_flow_loss_cases(device: torch.device, quick: bool):
-    from geokernels.bench_cases.dconvex import DRAM_SHAPE, _shapes
+    from geokernels.bench_cases.dconvex import DRAM_SHAPE, _shapes, impl_fn
 
     cases = []
     for shape in _shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
@@ -109,12 +109,7 @@ def contour_flow_loss_cases(device: torch.device, quick: bool):
         flow = flow.reshape(B, 2 * C, H, W).requires_grad_()
 
         def make_step(impl: str, logits=logits, flow=flow):
-            if impl == "reference":
-                fn = reference.contour_flow_loss
-            elif impl == "compiled":
-                fn = torch.compile(reference.contour_flow_loss)
-            else:
-                fn = functools.partial(geokernels.contour_flow_loss, backend=impl)
+            fn = impl_fn(impl, reference.contour_flow_loss, geokernels.contour_flow_loss)
 
             def step():   # (loss, grad logits, grad flow); no .grad left behind
                 loss = fn(logits, flow)

@@ -10,6 +10,16 @@ from geokernels import reference
 from geokernels.benchmark import Case, register_case
 
 
+def impl_fn(impl: str, reference_fn, op):
+    """The function a row times: the reference, torch.compile(reference), or the op on a
+    fused backend."""
+    if impl == "reference":
+        return reference_fn
+    if impl == "compiled":
+        return torch.compile(reference_fn)
+    return functools.partial(op, backend=impl)
+
+
 def _loss_step(u: torch.Tensor, fn):
     """Forward + backward; returns (loss, grad u). autograd.grad leaves no .grad behind, so a
     step frees nothing that was live before it (the peak-memory baseline stays honest)."""
@@ -36,13 +46,7 @@ def qc2_cases(device: torch.device, quick: bool):
         u = torch.rand(shape, device=device, requires_grad=True)
 
         def make_step(impl: str, u=u):
-            if impl == "reference":
-                fn = reference.qc2_loss
-            elif impl == "compiled":
-                fn = torch.compile(reference.qc2_loss)
-            else:
-                fn = functools.partial(geokernels.qc2_loss, backend=impl)
-            return _loss_step(u, fn)
+            return _loss_step(u, impl_fn(impl, reference.qc2_loss, geokernels.qc2_loss))
 
         label = "fwd+bwd " + "x".join(map(str, shape)) + " f32"
         # one read of u forward, one read of u and one write of grad u backward
@@ -57,13 +61,7 @@ def qc1_cases(device: torch.device, quick: bool):
     u = torch.rand(shape, device=device, requires_grad=True)
 
     def make_step(impl: str):
-        if impl == "reference":
-            fn = reference.qc1_loss
-        elif impl == "compiled":
-            fn = torch.compile(reference.qc1_loss)
-        else:
-            fn = functools.partial(geokernels.qc1_loss, backend=impl)
-        return _loss_step(u, fn)
+        return _loss_step(u, impl_fn(impl, reference.qc1_loss, geokernels.qc1_loss))
 
     label = "fwd+bwd " + "x".join(map(str, shape)) + " window 7 f32"
     return [Case("qc1_loss", label, make_step, nbytes=3 * u.numel() * u.element_size())]
