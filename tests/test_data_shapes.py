@@ -210,7 +210,21 @@ def test_folder_palette_masks_by_index(tmp_path):
     pal.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
     (tmp_path / "masks").mkdir()
     pal.save(tmp_path / "masks" / "a.png")
-    assert SegmentationFolder(tmp_path)[0][1].sum() == 9
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a VOC palette (index 0 black): no warning
+        assert SegmentationFolder(tmp_path)[0][1].sum() == 9
+    # a [white, black] palette with the object drawn in white (index 0): read by index it is
+    # inverted, which used to happen silently
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "masks" / "a.png")
+    ds = SegmentationFolder(tmp_path)
+    with pytest.warns(UserWarning, match=r"index 0 is the colour \(255, 255, 255\)"):
+        ds[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # said once per file
+        ds[0]
 
 
 def test_16bit_png_opened_as_mode_i_by_older_pillow(tmp_path, monkeypatch):

@@ -464,3 +464,15 @@ def test_report_records_backend_and_the_full_command_and_drops_a_stale_report(
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert f"geokernels demo --device cpu --quick --checkpoint {ckpt}" in text
     assert "GEOKERNELS_BACKEND" in text and "<td>torch</td>" in text
+
+
+def test_cli_rejects_a_missing_checkpoint_before_running(tmp_path, monkeypatch, capsys):
+    from geokernels.cli import main
+
+    ran = []
+    for name in SECTIONS:
+        monkeypatch.setitem(demo_stages.STAGES, name, lambda ctx: ran.append(ctx.name))
+    code = main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress",
+                 "--checkpoint", str(tmp_path / "missing.pt")])
+    assert code == 2 and not ran
+    assert "error: --checkpoint" in capsys.readouterr().err

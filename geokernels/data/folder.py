@@ -128,12 +128,21 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.size = size
         self.grayscale = bool(grayscale)
         self.threshold = None if threshold is None else float(threshold)
+        self._warned_palettes: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _load_mask(self, path: str) -> np.ndarray:
         im = open_image(path)
+        if im.mode == "P":   # read by index (VOC style: index 0 = black background)
+            first = tuple((im.getpalette() or [0, 0, 0])[:3])
+            if first != (0, 0, 0) and path not in self._warned_palettes:
+                self._warned_palettes.add(path)
+                warnings.warn(f"mask {path!r} is a palette image whose index 0 is the colour "
+                              f"{first}, not black: it is read by index (index 0 = background), "
+                              f"so it may come out inverted; save it as a grayscale mask",
+                              stacklevel=3)
         raw = im.mode in ("L", "1", "I", "F", "P") or im.mode.startswith("I;16")
         arr = np.asarray(im if raw else im.convert("L"))    # palette: the indices
         arr = arr.astype(np.float64)

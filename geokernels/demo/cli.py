@@ -22,6 +22,10 @@ def _run(args) -> int:
     if problem:
         print(f"error: --out {args.out!r} {problem}", file=sys.stderr)
         return 2
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        print(f"error: --checkpoint {args.checkpoint!r} does not exist (or is not a file)",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     cpu_started = time.process_time()
     summary = run_demo(args.out, device=args.device, quick=args.quick,
