@@ -88,11 +88,8 @@ def _environment(device: torch.device) -> dict:
 
 
 def _cores_and_load() -> str:
-    try:
-        load = f"{os.getloadavg()[0]:.1f}"
-    except (AttributeError, OSError):
-        load = "n/a"
-    return f"{os.cpu_count()} / {load}"
+    load = _stages._load_average()
+    return f"{os.cpu_count()} / {'n/a' if load is None else f'{load:.1f}'}"
 
 
 def run_demo(out="demo_out", device="auto", quick: bool = False, progress: bool = True, *,
