@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -39,6 +40,26 @@ class Case:
     rtol: float = 1e-4  # relative L2 error allowed per output tensor (float32 workloads)
     # False where the reference is not torch (scipy/numpy): torch's memory probes cannot see it
     reference_memory: bool = True
+
+
+def impl_fn(impl: str, reference_fn, op):
+    """What a case's row runs: the reference, torch.compile(reference), or the op on a fused
+    backend."""
+    if impl == "reference":
+        return reference_fn
+    if impl == "compiled":
+        return torch.compile(reference_fn)
+    return functools.partial(op, backend=impl)
+
+
+# On a GPU the acceptance sizes fit in L2 (an H200 has ~50 MB): their GB/s says little about
+# DRAM. The memory-bound losses are therefore also run at a DRAM-sized shape there.
+DRAM_SHAPE = (32, 1, 1024, 1024)   # 128 MiB of float32 per tensor
+
+
+def case_shapes(device: torch.device, quick: bool, shape: tuple) -> list[tuple]:
+    """``shape``, and DRAM_SHAPE too on CUDA at full size."""
+    return [shape] + ([DRAM_SHAPE] if device.type == "cuda" and not quick else [])
 
 
 class OutputMismatch(AssertionError):

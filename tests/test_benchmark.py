@@ -260,10 +260,10 @@ def test_output_check_rules():
 def test_dram_sized_cases_on_gpus_only():
     """The acceptance sizes fit in an H200's L2, so their GB/s says nothing about DRAM: on CUDA
     the memory-bound losses also get a 128 MiB-per-tensor case (no compiled row: compile time)."""
-    from geokernels.bench_cases.dconvex import DRAM_SHAPE, _shapes
+    from geokernels.benchmark import DRAM_SHAPE, case_shapes
 
     base = (8, 1, 256, 256)
-    assert _shapes(torch.device("cpu"), False, base) == [base]
-    assert _shapes(torch.device("cuda"), True, base) == [base]
-    assert _shapes(torch.device("cuda"), False, base) == [base, DRAM_SHAPE]
+    assert case_shapes(torch.device("cpu"), False, base) == [base]
+    assert case_shapes(torch.device("cuda"), True, base) == [base]
+    assert case_shapes(torch.device("cuda"), False, base) == [base, DRAM_SHAPE]
     assert math.prod(DRAM_SHAPE) * 4 >= 128 * 2**20

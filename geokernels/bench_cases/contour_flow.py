@@ -7,7 +7,7 @@ import torch
 
 import geokernels
 from geokernels import reference
-from geokernels.benchmark import Case, register_case
+from geokernels.benchmark import DRAM_SHAPE, Case, case_shapes, impl_fn, register_case
 
 # =================================================================================================
 # Exact distance transform and contour-flow field (SPEC 2.1-2.2)
@@ -99,10 +99,8 @@ def contour_flow_field_cases(device: torch.device, quick: bool):
 
 @register_case(op="contour_flow_loss")
 def contour_flow_loss_cases(device: torch.device, quick: bool):
-    from geokernels.bench_cases.dconvex import DRAM_SHAPE, _shapes, impl_fn
-
     cases = []
-    for shape in _shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
+    for shape in case_shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
         B, C, H, W = shape
         logits = torch.randn(shape, device=device, requires_grad=True)
         flow = torch.nn.functional.normalize(torch.randn(B, C, 2, H, W, device=device), dim=2)

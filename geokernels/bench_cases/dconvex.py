@@ -7,17 +7,7 @@ import torch
 
 import geokernels
 from geokernels import reference
-from geokernels.benchmark import Case, register_case
-
-
-def impl_fn(impl: str, reference_fn, op):
-    """The function a row times: the reference, torch.compile(reference), or the op on a
-    fused backend."""
-    if impl == "reference":
-        return reference_fn
-    if impl == "compiled":
-        return torch.compile(reference_fn)
-    return functools.partial(op, backend=impl)
+from geokernels.benchmark import DRAM_SHAPE, Case, case_shapes, impl_fn, register_case
 
 
 def _loss_step(u: torch.Tensor, fn):
@@ -30,19 +20,10 @@ def _loss_step(u: torch.Tensor, fn):
     return step
 
 
-# On a GPU the acceptance sizes fit in L2 (an H200 has ~50 MB): their GB/s says little about
-# DRAM. One case per memory-bound loss is therefore also run at a DRAM-sized shape there.
-DRAM_SHAPE = (32, 1, 1024, 1024)   # 128 MiB of float32 per tensor
-
-
-def _shapes(device: torch.device, quick: bool, shape: tuple) -> list[tuple]:
-    return [shape] + ([DRAM_SHAPE] if device.type == "cuda" and not quick else [])
-
-
 @register_case(op="qc2_loss")
 def qc2_cases(device: torch.device, quick: bool):
     cases = []
-    for shape in _shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
+    for shape in case_shapes(device, quick, (2, 1, 128, 128) if quick else (8, 1, 256, 256)):
         u = torch.rand(shape, device=device, requires_grad=True)
 
         def make_step(impl: str, u=u):
